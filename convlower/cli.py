@@ -1,0 +1,163 @@
+"""The `convlower` command line.
+
+Exit codes: 0 success (verify: equivalent); 1 verification failed or the result would be wrong;
+2 bad usage or bad input (one line on stderr saying what and how to mend it); 3 an internal error
+(a convlower bug: `--verbose` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ConvlowerError, UsageError
+from .runner import PROVIDER_CHOICES
+from .shapes import parse_input_shape
+
+EXIT_INTERNAL = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2, like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}", f"see '{self.prog} --help'")
+
+
+def _add_shapes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS",
+                   help="profiling shape of an input, e.g. x:1x3x224x224 (binds its symbolic dims)")
+    p.add_argument("--inputs", metavar="DATA.npz", help="real input arrays by input name")
+
+
+def _add_provider(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--provider", choices=PROVIDER_CHOICES, default=default,
+                   help=f"execution provider (default {default}; auto = CUDA where it loads, else CPU)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="convlower", description="Lower Conv-like ONNX nodes into faster, verified subgraphs.")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("verify", help="check two models compute the same outputs (exit 0 equal, 1 not)")
+    p.add_argument("reference")
+    p.add_argument("candidate")
+    _add_shapes(p)
+    p.add_argument("--runs", type=int, default=3, help="random input sets to compare on (default 3)")
+    p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default by dtype)")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default by dtype)")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    _add_provider(p, default="cpu")
+
+    p = sub.add_parser("lower", help="apply one variant to every node it fits, no timing")
+    p.add_argument("model")
+    p.add_argument("--variant", action="append", required=True, metavar="OP=NAME", help="e.g. conv=im2col (repeatable)")
+    p.add_argument("-o", "--output", help="output path (default MODEL stem + .convlower.onnx)")
+    p.add_argument("--no-ops", default="", metavar="OP,OP", help="fail (exit 1) if any of these ops remain")
+    p.add_argument("--force", action="store_true", help="allow the output to overwrite the input")
+
+    p = sub.add_parser("inspect", help="list Conv-like nodes, their shapes, attributes and variants")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench", help="median latency of a model, or two interleaved A/B")
+    p.add_argument("model")
+    p.add_argument("other", nargs="?")
+    _add_shapes(p)
+    _add_provider(p)
+    p.add_argument("--runs", type=int, default=200, help="most timed runs per model (default 200)")
+    p.add_argument("--json", action="store_true")
+
+    sub.add_parser("demo", help="run convlower on a bundled example model")
+    return parser
+
+
+def _shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    return dict(parse_input_shape(item) for item in items)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    result = verify(
+        args.reference, args.candidate, input_shapes=_shapes(args.input_shape), inputs=args.inputs,
+        runs=args.runs, atol=args.atol, rtol=args.rtol, provider=args.provider,
+    )
+    print(result.to_json() if args.json else result)
+    return 0 if result else 1
+
+
+def _cmd_lower(args: argparse.Namespace) -> int:
+    from .lower import lower
+    from .modelio import default_output_path, save_model
+
+    no_ops = [op.strip() for op in args.no_ops.split(",") if op.strip()]
+    result = lower(args.model, args.variant, no_ops=no_ops)
+    out = Path(args.output) if args.output else default_output_path(args.model)
+    save_model(result.model, out, protect=args.model, force=args.force)
+    for node in result.nodes:
+        print(f"{node.name} [{node.op}]: {node.variant or 'left as is: ' + str(node.reason)}")
+    print(f"lowered {len(result.lowered)} of {len(result.nodes)} node(s); wrote {out}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_model, to_json, to_table
+
+    infos = inspect_model(args.model)
+    print(to_json(infos) if args.json else to_table(infos))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench
+
+    result = bench(args.model, args.other, input_shapes=_shapes(args.input_shape), inputs=args.inputs,
+                   provider=args.provider, threads=args.threads, runs=args.runs)
+    print(result.to_json() if args.json else result)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo()
+
+
+COMMANDS = {"verify": _cmd_verify, "lower": _cmd_lower, "inspect": _cmd_inspect, "bench": _cmd_bench, "demo": _cmd_demo}
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"convlower: warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    warnings.showwarning = _one_line_warnings
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except ConvlowerError as exc:
+        if verbose:
+            traceback.print_exc()
+        print(f"convlower: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("convlower: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if verbose:
+            traceback.print_exc()
+        print(f"convlower: internal error: {type(exc).__name__}: {exc} (rerun with --verbose and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Loading and saving models: the checks at the door and the atomic write at the exit.
+
+Every model convlower writes or times must load in the installed onnxruntime, so saving clamps
+the IR version to what that onnxruntime reads (onnx 1.23 writes IR 14 by default, onnxruntime 1.31
+reads at most 13).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from .errors import UsageError
+
+MIN_OPSET = 11
+ModelLike = str | os.PathLike | onnx.ModelProto
+
+_TWO_GIB = 2**31 - 2**20
+
+
+def load_model(model: ModelLike) -> onnx.ModelProto:
+    """A ModelProto from a path or a ModelProto, with external data resolved and checked.
+
+    Raises `UsageError` with a one-line reason and fix for anything that is not a loadable model.
+    """
+    if isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        _check_opset(proto, "the model")
+        return proto
+    path = Path(model)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file", "check the path")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory, not an ONNX file", "name the .onnx file inside it")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot be read ({exc.strerror})", "check its permissions") from exc
+    proto = _parse(data, path)
+    _load_external_data(proto, path)
+    _check_opset(proto, str(path))
+    return proto
+
+
+def _parse(data: bytes, path: Path) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    not_onnx = UsageError(
+        f"{path}: not an ONNX model (the file is truncated or is another format)",
+        "export or download the model again",
+    )
+    if not data:
+        raise UsageError(f"{path}: the file is empty", "export or download the model again")
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise not_onnx from exc
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
+        raise not_onnx
+    return proto
+
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Resolve external tensors, refusing any whose location leaves the model's folder."""
+    base = path.resolve().parent
+    tensors = [t for t in external_data_helper._get_all_tensors(proto) if external_data_helper.uses_external_data(t)]
+    for tensor in tensors:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(base):
+            raise UsageError(
+                f"{path}: tensor {tensor.name!r} points outside the model's folder ({location!r})",
+                "keep external data files beside the model",
+            )
+        if not target.is_file():
+            raise UsageError(
+                f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing",
+                "copy it beside the model",
+            )
+    if tensors:
+        try:
+            external_data_helper.load_external_data_for_model(proto, str(base))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path}: external data cannot be read ({exc})", "export the model again") from exc
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's opset for the default ONNX domain."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 0
+
+
+def _check_opset(proto: onnx.ModelProto, where: str) -> None:
+    opset = default_opset(proto)
+    if opset < MIN_OPSET:
+        raise UsageError(
+            f"{where}: uses ONNX opset {opset}; convlower needs opset {MIN_OPSET} or newer",
+            "convert it with onnx.version_converter.convert_version(model, 17)",
+        )
+
+
+@functools.cache
+def max_runtime_ir_version() -> int:
+    """The highest IR version the installed onnxruntime loads, found by asking it once."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    for ir in range(onnx.IR_VERSION, 6, -1):
+        probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=ir)
+        try:
+            ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - onnxruntime raises its own error classes
+            continue
+        return ir
+    return 7
+
+
+def runtime_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its IR version lowered, where needed, to what onnxruntime reads (in place)."""
+    model.ir_version = min(model.ir_version, max_runtime_ir_version())
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: ModelLike, *, protect: ModelLike | None = None, force: bool = False) -> Path:
+    """Write `model` to `path` atomically; a model over 2 GiB gets its tensors in `<name>.data`.
+
+    `protect` names the input model: writing over it is refused unless `force` is set.
+    """
+    target = Path(path)
+    if protect is not None and not isinstance(protect, onnx.ModelProto) and not force:
+        source = Path(protect)
+        if target.exists() and source.exists() and target.resolve() == source.resolve():
+            raise UsageError(f"{target}: the output would overwrite the input model", "name another output with -o, or pass --force")
+    if not target.parent.exists():
+        raise UsageError(f"{target.parent}: output folder does not exist", "create it or choose another output path")
+    runtime_compatible(model)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convlower-") as tmp:
+        staged = Path(tmp) / target.name
+        if model.ByteSize() > _TWO_GIB:
+            data_name = target.name + ".data"
+            onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+            os.replace(Path(tmp) / data_name, target.parent / data_name)
+        else:
+            onnx.save_model(model, staged)
+        os.replace(staged, target)
+    return target
+
+
+def default_output_path(model_path: ModelLike) -> Path:
+    """`<stem>.convlower.onnx` beside the input."""
+    path = Path(model_path)
+    return path.with_name(path.stem + ".convlower.onnx")

@@ -1,0 +1,139 @@
+"""Finding lowerable nodes and splicing variants in: the graph surgery that `lower` and `optimize` share.
+
+`plan_nodes` reads every node a pass family knows into a spec (or the reason it cannot);
+`apply_choices` replaces the chosen nodes with their variants' subgraphs, cleans up, toposorts,
+and hands back a model that keeps the original's interface and passes onnx.checker's full check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from convlower.passes import RECOGNIZERS, Builder, NotLowerable, OpFamily, family_for
+
+from .errors import VerificationError
+from .modelio import default_opset, runtime_compatible
+from .shapes import infer_shapes
+
+
+@dataclass
+class PlannedNode:
+    """One node a pass family knows, with its spec and which variants apply."""
+
+    name: str
+    op: str
+    family: OpFamily
+    spec: Any = None
+    reason: str | None = None
+    why_not: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def applicable(self) -> list[str]:
+        return [name for name, why in self.why_not.items() if why is None]
+
+
+def plan_nodes(graph: gs.Graph, opset: int) -> list[PlannedNode]:
+    """Every node of the main graph that a registered family lowers, read into a spec."""
+    planned = []
+    for index, node in enumerate(graph.nodes):
+        family = family_for(node.op, node.domain or "")
+        if family is None:
+            continue
+        if not node.name:
+            node.name = f"{node.op}_{index}"
+        entry = PlannedNode(node.name, node.op, family)
+        try:
+            entry.spec = family.make_spec(node, opset)
+        except NotLowerable as exc:
+            entry.reason = str(exc)
+        else:
+            entry.why_not = {v.name: v.why_not(entry.spec) for v in family.variants}
+        planned.append(entry)
+    return planned
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """The model as a graphsurgeon graph, inferred shapes on its tensors, known idioms recognized."""
+    graph = gs.import_onnx(infer_shapes(model))
+    if RECOGNIZERS:
+        opset = default_opset(model)
+        for recognize in RECOGNIZERS:
+            recognize(graph, opset)
+        graph.cleanup().toposort()
+    return graph
+
+
+def apply_choices(model: onnx.ModelProto, choices: Mapping[str, str]) -> onnx.ModelProto:
+    """The model with each node named in `choices` replaced by that variant (node name -> variant)."""
+    graph = import_graph(model)
+    opset = default_opset(model)
+    planned = {p.name: p for p in plan_nodes(graph, opset)}
+    nodes = {node.name: node for node in graph.nodes}
+    for name, variant_name in choices.items():
+        entry = planned[name]
+        variant = entry.family.variant(variant_name)
+        if variant is None or entry.spec is None or entry.why_not.get(variant_name) is not None:
+            raise ValueError(f"variant {variant_name!r} does not apply to node {name!r}")
+        node = nodes[name]
+        inputs, outputs = list(node.inputs), list(node.outputs)
+        node.inputs.clear()
+        node.outputs.clear()
+        dtype = outputs[0].dtype if outputs[0].dtype is not None else inputs[0].dtype
+        builder = Builder(graph, opset, name, dtype=dtype if dtype is not None else "float32")
+        variant.build(builder, entry.spec, inputs, outputs)
+    graph.cleanup().toposort()
+    return finish(model, graph)
+
+
+def finish(original: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
+    """Export the graph as a model that keeps the original's interface, metadata and opsets."""
+    used_functions = {(n.domain, n.op) for n in graph.nodes}
+    graph.functions = [f for f in graph.functions if (f.domain, f.name) in used_functions]
+    model = gs.export_onnx(graph, do_type_check=False, opset_imports=list(original.opset_import))
+    model.ir_version = original.ir_version
+    model.producer_name = original.producer_name
+    model.producer_version = original.producer_version
+    model.domain = original.domain
+    model.model_version = original.model_version
+    model.doc_string = original.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(original.metadata_props)
+    for ours, theirs in ((model.graph.input, original.graph.input), (model.graph.output, original.graph.output)):
+        by_name = {v.name: v for v in theirs}
+        for value in ours:
+            if value.name in by_name:
+                value.CopyFrom(by_name[value.name])
+    del model.graph.value_info[:]
+    model = infer_shapes(model)
+    runtime_compatible(model)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise VerificationError(
+            f"the rewritten model fails onnx.checker: {str(exc).splitlines()[0]}",
+            "report this as a convlower bug, with the model",
+        ) from exc
+    return model
+
+
+def remaining_ops(model: onnx.ModelProto, op_types: set[str]) -> list[str]:
+    """Names of nodes (in any subgraph) whose type is in `op_types` (case-insensitive)."""
+    wanted = {t.lower() for t in op_types}
+    found = []
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            if node.op_type.lower() in wanted:
+                found.append(node.name or node.op_type)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+                for sub in attr.graphs:
+                    walk(sub)
+
+    walk(model.graph)
+    return found

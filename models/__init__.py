@@ -1,0 +1,1 @@
+"""The model zoo: torch modules with factories returning (module, example_inputs)."""

@@ -1,0 +1,59 @@
+"""The registry: the single place that lists which ops convlower lowers and how.
+
+Each entry is an `OpFamily` from one pass module: how to read a node into a spec, and the variants
+(registered implementations) the tuner chooses between.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx_graphsurgeon as gs
+
+from .base import Builder, NotLowerable, OpFamily, SimpleVariant, Variant, spec_dict, spec_key
+
+FAMILIES: dict[str, OpFamily] = {}
+
+Recognizer = Callable[[gs.Graph, int], None]
+RECOGNIZERS: list[Recognizer] = []
+"""Rewrites of exported idioms into canonical nodes, run in order before planning.
+
+A recognizer gets the graph and its default-domain opset and edits the graph in place. It must be
+deterministic (planning and rewriting each import the model afresh) and must leave a graph that
+onnxruntime still runs: a canonical op it introduces carries its model-local function.
+"""
+
+
+def register(family: OpFamily) -> OpFamily:
+    """Add a family to the registry; ops are matched case-insensitively by type."""
+    FAMILIES[family.op_type.lower()] = family
+    return family
+
+
+def register_recognizer(recognizer: Recognizer) -> Recognizer:
+    RECOGNIZERS.append(recognizer)
+    return recognizer
+
+
+def family_for(op_type: str, domain: str = "") -> OpFamily | None:
+    """The family that lowers nodes of this type and domain, or None."""
+    family = FAMILIES.get(op_type.lower())
+    if family is None or (family.domain or "") != (domain or ""):
+        return None
+    return family
+
+
+__all__ = [
+    "FAMILIES",
+    "RECOGNIZERS",
+    "Builder",
+    "NotLowerable",
+    "OpFamily",
+    "SimpleVariant",
+    "Variant",
+    "family_for",
+    "register",
+    "register_recognizer",
+    "spec_dict",
+    "spec_key",
+]
