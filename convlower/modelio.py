@@ -140,13 +140,7 @@ def save_model(model: onnx.ModelProto, path: ModelLike, *, protect: ModelLike | 
 
     `protect` names the input model: writing over it is refused unless `force` is set.
     """
-    target = Path(path)
-    if protect is not None and not isinstance(protect, onnx.ModelProto) and not force:
-        source = Path(protect)
-        if target.exists() and source.exists() and target.resolve() == source.resolve():
-            raise UsageError(f"{target}: the output would overwrite the input model", "name another output with -o, or pass --force")
-    if not target.parent.exists():
-        raise UsageError(f"{target.parent}: output folder does not exist", "create it or choose another output path")
+    target = check_output_path(path, protect=protect, force=force)
     runtime_compatible(model)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convlower-") as tmp:
         staged = Path(tmp) / target.name
@@ -157,6 +151,31 @@ def save_model(model: onnx.ModelProto, path: ModelLike, *, protect: ModelLike | 
         else:
             onnx.save_model(model, staged)
         os.replace(staged, target)
+    return target
+
+
+def check_output_path(path: ModelLike, *, protect: ModelLike | None = None, force: bool = False) -> Path:
+    """The output path, refused where it would overwrite `protect` (unless forced) or has no folder.
+
+    Called before any work is done, so a bad output path costs nothing.
+    """
+    target = Path(path)
+    if protect is not None and not isinstance(protect, onnx.ModelProto) and not force:
+        source = Path(protect)
+        if target.exists() and source.exists() and target.resolve() == source.resolve():
+            raise UsageError(f"{target}: the output would overwrite the input model", "name another output with -o, or pass --force")
+    if not target.parent.is_dir():
+        raise UsageError(f"{target.parent}: output folder does not exist", "create it or choose another output path")
+    return target
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file so readers see the old content or the new, never half of it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp", encoding="utf-8") as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, target)
     return target
 
 

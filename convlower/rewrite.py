@@ -22,11 +22,13 @@ from .shapes import infer_shapes
 
 @dataclass
 class PlannedNode:
-    """One node a pass family knows, with its spec and which variants apply."""
+    """One node a pass family knows, where it lives, its spec, and which variants apply."""
 
     name: str
     op: str
     family: OpFamily
+    node: gs.Node
+    graph: gs.Graph
     spec: Any = None
     reason: str | None = None
     why_not: dict[str, str | None] = field(default_factory=dict)
@@ -36,23 +38,29 @@ class PlannedNode:
         return [name for name, why in self.why_not.items() if why is None]
 
 
+def all_graphs(graph: gs.Graph) -> list[gs.Graph]:
+    """The graph and every subgraph nested in it (If/Loop/Scan bodies), outermost first."""
+    return [graph, *graph.subgraphs(recursive=True)]
+
+
 def plan_nodes(graph: gs.Graph, opset: int) -> list[PlannedNode]:
-    """Every node of the main graph that a registered family lowers, read into a spec."""
+    """Every node, in the graph or its control-flow bodies, that a registered family lowers."""
     planned = []
-    for index, node in enumerate(graph.nodes):
-        family = family_for(node.op, node.domain or "")
-        if family is None:
-            continue
-        if not node.name:
-            node.name = f"{node.op}_{index}"
-        entry = PlannedNode(node.name, node.op, family)
-        try:
-            entry.spec = family.make_spec(node, opset)
-        except NotLowerable as exc:
-            entry.reason = str(exc)
-        else:
-            entry.why_not = {v.name: v.why_not(entry.spec) for v in family.variants}
-        planned.append(entry)
+    for depth, owner in enumerate(all_graphs(graph)):
+        for index, node in enumerate(owner.nodes):
+            family = family_for(node.op, node.domain or "")
+            if family is None:
+                continue
+            if not node.name:
+                node.name = f"{node.op}_{depth}_{index}"
+            entry = PlannedNode(node.name, node.op, family, node, owner)
+            try:
+                entry.spec = family.make_spec(node, opset)
+            except NotLowerable as exc:
+                entry.reason = str(exc)
+            else:
+                entry.why_not = {v.name: v.why_not(entry.spec) for v in family.variants}
+            planned.append(entry)
     return planned
 
 
@@ -72,18 +80,16 @@ def apply_choices(model: onnx.ModelProto, choices: Mapping[str, str]) -> onnx.Mo
     graph = import_graph(model)
     opset = default_opset(model)
     planned = {p.name: p for p in plan_nodes(graph, opset)}
-    nodes = {node.name: node for node in graph.nodes}
     for name, variant_name in choices.items():
         entry = planned[name]
         variant = entry.family.variant(variant_name)
         if variant is None or entry.spec is None or entry.why_not.get(variant_name) is not None:
             raise ValueError(f"variant {variant_name!r} does not apply to node {name!r}")
-        node = nodes[name]
-        inputs, outputs = list(node.inputs), list(node.outputs)
-        node.inputs.clear()
-        node.outputs.clear()
+        inputs, outputs = list(entry.node.inputs), list(entry.node.outputs)
+        entry.node.inputs.clear()
+        entry.node.outputs.clear()
         dtype = outputs[0].dtype if outputs[0].dtype is not None else inputs[0].dtype
-        builder = Builder(graph, opset, name, dtype=dtype if dtype is not None else "float32")
+        builder = Builder(entry.graph, opset, name, dtype=dtype if dtype is not None else "float32")
         variant.build(builder, entry.spec, inputs, outputs)
     graph.cleanup().toposort()
     return finish(model, graph)

@@ -65,7 +65,8 @@ class Timing:
 
 @dataclass(frozen=True)
 class TimingPolicy:
-    """When to stop timing: the median is stable, or the time budget is spent."""
+    """When to stop timing: the medians are stable (checked every 5 runs from `min_runs`), the
+    time budget is spent (after at least 3 runs, so slow models still stop), or `max_runs`."""
 
     warmup: int = 3
     min_runs: int = 10
@@ -209,12 +210,10 @@ def time_interleaved(
             call()
             bucket.append((time.perf_counter() - t0) * 1e3)
         runs = len(samples[0])
-        if runs >= policy.max_runs:
+        if runs >= policy.max_runs or (runs >= 3 and time.perf_counter() - start > policy.budget_s):
             break
         if runs >= policy.min_runs and runs % 5 == 0:
             medians = [statistics.median(b) for b in samples]
-            if time.perf_counter() - start > policy.budget_s:
-                break
             if last_median and all(
                 abs(m - p) <= policy.stable_within * p for m, p in zip(medians, last_median)
             ):
