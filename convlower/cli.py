@@ -11,7 +11,6 @@ import argparse
 import sys
 import traceback
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 from .errors import ConvlowerError, UsageError
@@ -44,6 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="convlower", description="Lower Conv-like ONNX nodes into faster, verified subgraphs.")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("optimize", help="tune every Conv-like node and write the fastest verified model")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", help="output path (default MODEL stem + .convlower.onnx)")
+    _add_shapes(p)
+    _add_provider(p)
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--cache", metavar="PATH", help="tuning cache file (default ~/.cache/convlower/tuning.json)")
+    cache.add_argument("--no-cache", action="store_true", help="tune from scratch and keep nothing")
+    p.add_argument("--report", metavar="REPORT.json", help="JSON report path (default OUT stem + .json)")
+    p.add_argument("--variants", action="append", default=[], metavar="OP=V1,V2", help="limit the variants tried for an op")
+    p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default by dtype)")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default by dtype)")
+    p.add_argument("--no-guard", action="store_true", help="skip the whole-model check and timing")
+    p.add_argument("--force", action="store_true", help="allow the output to overwrite the input")
 
     p = sub.add_parser("verify", help="check two models compute the same outputs (exit 0 equal, 1 not)")
     p.add_argument("reference")
@@ -82,6 +96,30 @@ def _shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
     return dict(parse_input_shape(item) for item in items)
 
 
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .modelio import check_output_path, default_output_path, save_model, write_text_atomic
+    from .optimize import USE_DEFAULT_CACHE, optimize
+
+    out = check_output_path(args.output or default_output_path(args.model), protect=args.model, force=args.force)
+    report_path = check_output_path(args.report or out.with_suffix(".json"), protect=args.model, force=args.force)
+    cache = None if args.no_cache else (args.cache or USE_DEFAULT_CACHE)
+    result = optimize(
+        args.model, input_shapes=_shapes(args.input_shape), inputs=args.inputs, provider=args.provider,
+        threads=args.threads, cache=cache, variants=args.variants, atol=args.atol, rtol=args.rtol,
+        guard=not args.no_guard, progress=sys.stderr.isatty(),
+    )
+    save_model(result.model, out, protect=args.model, force=args.force)
+    write_text_atomic(report_path, result.report.to_json())
+    for notice in result.report.notices:
+        print(f"convlower: {notice}", file=sys.stderr)
+    Console(width=160).print(result.report.table())
+    print(result.report.summary())
+    print(f"wrote {out} and {report_path}")
+    return 0
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
@@ -95,11 +133,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_lower(args: argparse.Namespace) -> int:
     from .lower import lower
-    from .modelio import default_output_path, save_model
+    from .modelio import check_output_path, default_output_path, save_model
 
     no_ops = [op.strip() for op in args.no_ops.split(",") if op.strip()]
+    out = check_output_path(args.output or default_output_path(args.model), protect=args.model, force=args.force)
     result = lower(args.model, args.variant, no_ops=no_ops)
-    out = Path(args.output) if args.output else default_output_path(args.model)
     save_model(result.model, out, protect=args.model, force=args.force)
     for node in result.nodes:
         print(f"{node.name} [{node.op}]: {node.variant or 'left as is: ' + str(node.reason)}")
@@ -130,7 +168,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
-COMMANDS = {"verify": _cmd_verify, "lower": _cmd_lower, "inspect": _cmd_inspect, "bench": _cmd_bench, "demo": _cmd_demo}
+COMMANDS = {"optimize": _cmd_optimize, "verify": _cmd_verify, "lower": _cmd_lower, "inspect": _cmd_inspect, "bench": _cmd_bench, "demo": _cmd_demo}
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001

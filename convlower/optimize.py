@@ -1,0 +1,292 @@
+"""`convlower optimize`: the pipeline that picks the fastest verified variant for every node.
+
+    load ─► normalize ─► recognize ─► plan ─► tune ─► rewrite ─► guard ─► report
+
+- normalize: model-local functions other than convlower's canonical ops are inlined, so their
+  nodes are planned too; symbolic input dims are bound to the profiling shapes.
+- plan: every node a pass family knows, in the main graph and in If/Loop/Scan bodies; nodes with
+  the same spec and input shapes are tuned once.
+- tune: see `convlower.tune`; outcomes go to the tuning cache.
+- guard: the original and optimized whole models run on the same inputs; outputs must agree and
+  the optimized model must be measurably faster (interleaved medians, `MODEL_MIN_GAIN`). If it
+  is not, the choices with the least predicted gain are reverted one at a time, and after
+  `GUARD_ROUNDS` tries all of them: convlower never writes a model that is wrong or slower.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import onnx
+import onnx.inliner
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from convlower.passes import FAMILIES, spec_dict
+from convlower.passes.base import constant_value
+
+from .cache import TuningCache, default_cache_path
+from .errors import UsageError
+from .inputs import Feeds, feeds_shapes, load_npz
+from .modelio import ModelLike, default_opset, load_model
+from .report import NodeReport, Report
+from .rewrite import PlannedNode, all_graphs, apply_choices, import_graph, plan_nodes
+from .runner import Runner, TimingPolicy, time_interleaved
+from .shapes import graph_inputs, resolve_shapes, with_static_inputs
+from .tune import ORIGINAL, NodeTuning, VariantOutcome, choose, tune_node, tuning_key
+from .verify import input_sets, verify
+
+MODEL_MIN_GAIN = 0.01
+"""The optimized whole model must be at least this much faster than the original to be kept."""
+GUARD_ROUNDS = 3
+NODE_POLICY = TimingPolicy(warmup=2, min_runs=10, max_runs=200, budget_s=1.0)
+MODEL_POLICY = TimingPolicy(warmup=3, min_runs=20, max_runs=400, budget_s=3.0)
+
+USE_DEFAULT_CACHE = object()
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    report: Report
+
+
+def parse_variant_filter(items: Iterable[str] | Mapping[str, Iterable[str]] | None) -> dict[str, set[str]]:
+    """`["conv=im2col,einsum"]` -> {"conv": {"im2col", "einsum"}}: the variants the tuner may try."""
+    if not items:
+        return {}
+    pairs = items.items() if isinstance(items, Mapping) else (_split_filter(item) for item in items)
+    allowed: dict[str, set[str]] = {}
+    for op, names in pairs:
+        family = FAMILIES.get(op.lower())
+        if family is None:
+            raise UsageError(f"--variants: no variants are registered for op {op!r}",
+                             f"ops with variants: {', '.join(f.op_type for f in FAMILIES.values())}")
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if family.variant(n) is None]
+        if unknown:
+            raise UsageError(f"--variants: {family.op_type} has no variant {unknown[0]!r}",
+                             f"its variants: {', '.join(family.variant_names)}")
+        allowed[op.lower()] = set(names)
+    return allowed
+
+
+def _split_filter(item: str) -> tuple[str, list[str]]:
+    op, sep, names = item.partition("=")
+    if not sep or not op or not names:
+        raise UsageError(f"--variants {item!r} is not OP=V1,V2", "write it like conv=im2col,einsum")
+    return op.strip(), [n.strip() for n in names.split(",") if n.strip()]
+
+
+def inline_foreign_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Inline model-local functions, except the canonical ops a pass family lowers as a whole."""
+    keep = [(f.domain, f.name) for f in model.functions if FAMILIES.get(f.name.lower(), None) is not None
+            and FAMILIES[f.name.lower()].domain == f.domain]
+    if len(keep) == len(model.functions):
+        return model
+    return onnx.inliner.inline_selected_functions(model, keep, exclude=True)
+
+
+def optimize(
+    model: ModelLike,
+    *,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    inputs: str | Feeds | None = None,
+    provider: str = "auto",
+    threads: int | None = None,
+    cache: str | None | object = USE_DEFAULT_CACHE,
+    variants: Iterable[str] | Mapping[str, Iterable[str]] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    guard: bool = True,
+    progress: bool = False,
+) -> OptimizeResult:
+    """Tune every Conv-like node on onnxruntime and return the fastest verified model with a report.
+
+    `cache` is a path, None for no cache, or by default the user's cache folder. `variants`
+    limits the tuner (`{"conv": ["im2col"]}` or `["conv=im2col"]`). With `guard=False` the whole
+    model is neither verified nor timed (each node still is).
+    """
+    proto = inline_foreign_functions(load_model(model))
+    allowed = parse_variant_filter(variants)
+    runner = Runner(provider, threads, quiet=True)
+    report = Report(runner.provider, runner.device, threads)
+    if runner.notice:
+        report.notices.append(runner.notice)
+    feeds = _given_feeds(proto, inputs)
+    shapes = feeds_shapes(feeds) if feeds is not None else resolve_shapes(graph_inputs(proto), input_shapes)
+    runner.session(proto)
+
+    opset = default_opset(proto)
+    graph = import_graph(proto)
+    planned = plan_nodes(graph, opset)
+    static_shapes = _static_shapes(proto, shapes)
+    cache_store = TuningCache(default_cache_path() if cache is USE_DEFAULT_CACHE else cache)  # type: ignore[arg-type]
+    environment = [runner.provider, runner.device, report.onnxruntime, threads]
+
+    groups: dict[str, list[tuple[PlannedNode, dict[str, tuple[int, ...]]]]] = {}
+    for entry in planned:
+        node_shapes, reason = _node_shapes(entry, static_shapes)
+        entry_reason = entry.reason or reason
+        if entry_reason:
+            report.nodes.append(NodeReport(entry.name, entry.op, "?", None, ORIGINAL, None, reason=entry_reason))
+            continue
+        groups.setdefault(tuning_key(entry.spec, node_shapes), []).append((entry, node_shapes))
+
+    started = time.perf_counter()
+    tunings: dict[str, NodeTuning] = {}
+    timed = 0
+    with _progress(progress) as bar:
+        task = bar.add_task("tuning", total=len(groups))
+        for key, members in groups.items():
+            entry, node_shapes = members[0]
+            bar.update(task, description=f"tuning {entry.op} {entry.name}"[:48])
+            tuning = _cached(cache_store, key, environment, entry, allowed)
+            if tuning is None:
+                tuning = tune_node(
+                    entry.node, entry.spec, _candidates(entry, allowed), node_shapes,
+                    opset_imports=proto.opset_import, functions=graph.functions,
+                    runner=runner, policy=NODE_POLICY, atol=atol, rtol=rtol,
+                )
+                timed += 1
+                _store(cache_store, key, environment, tuning)
+            tunings[key] = tuning
+            for member, member_shapes in members:
+                report.nodes.append(_node_report(member, member_shapes, tuning, allowed))
+            bar.advance(task)
+    cache_store.save()
+    report.tuning = {"seconds": round(time.perf_counter() - started, 3), "distinct_specs": len(groups),
+                     "timed": timed, "cached": len(groups) - timed, "cache": str(cache_store.path) if cache_store.path else None}
+
+    choices = {n.name: n.chosen for n in report.nodes if n.chosen != ORIGINAL}
+    optimized = apply_choices(proto, choices) if choices else proto
+    if guard:
+        optimized = _guard(proto, optimized, choices, report, runner, shapes, feeds, atol, rtol)
+    else:
+        report.verification = {"skipped": True}
+    return OptimizeResult(optimized, report)
+
+
+def _given_feeds(model: onnx.ModelProto, inputs: str | Feeds | None) -> Feeds | None:
+    if inputs is None:
+        return None
+    return dict(inputs) if isinstance(inputs, dict) else load_npz(inputs, graph_inputs(model))
+
+
+def _static_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...] | None]:
+    """Every tensor's shape (in every subgraph) once the inputs are bound to the profiling shapes."""
+    static = import_graph(with_static_inputs(model, shapes))
+    found: dict[str, tuple[int, ...] | None] = {}
+    for graph in all_graphs(static):
+        for name, tensor in graph.tensors().items():
+            shape = tensor.shape
+            found[name] = tuple(shape) if shape is not None and all(isinstance(d, int) and d >= 0 for d in shape) else None
+    return found
+
+
+def _node_shapes(entry: PlannedNode, static: dict[str, tuple[int, ...] | None]) -> tuple[dict[str, tuple[int, ...]], str | None]:
+    """Concrete shapes of the node's runtime inputs (weights excluded), or why they are unknown."""
+    shapes = {}
+    for tensor in entry.node.inputs:
+        if tensor.is_empty() or constant_value(tensor) is not None:
+            continue
+        shape = static.get(tensor.name)
+        if shape is None:
+            return {}, f"shape of input {tensor.name!r} is unknown at the profiling shapes"
+        shapes[tensor.name] = shape
+    return shapes, None
+
+
+def _candidates(entry: PlannedNode, allowed: dict[str, set[str]]):
+    names = allowed.get(entry.op.lower())
+    return [v for v in entry.family.variants if entry.why_not.get(v.name) is None and (names is None or v.name in names)]
+
+
+def _cached(cache: TuningCache, key: str, environment: list, entry: PlannedNode, allowed: dict[str, set[str]]) -> NodeTuning | None:
+    """The tuning from the cache, when the original and every candidate were measured before."""
+    original = cache.get(TuningCache.key(key, ORIGINAL, *environment))
+    if original is None:
+        return None
+    tuning = NodeTuning(original["ms"], cached=True)
+    for variant in _candidates(entry, allowed):
+        hit = cache.get(TuningCache.key(key, variant.name, *environment))
+        if hit is None:
+            return None
+        tuning.outcomes[variant.name] = VariantOutcome(**hit)
+    tuning.chosen = choose(tuning)
+    return tuning
+
+
+def _store(cache: TuningCache, key: str, environment: list, tuning: NodeTuning) -> None:
+    cache.put(TuningCache.key(key, ORIGINAL, *environment), {"ms": tuning.original_ms})
+    for name, outcome in tuning.outcomes.items():
+        cache.put(TuningCache.key(key, name, *environment), outcome.to_dict())
+
+
+def _node_report(entry: PlannedNode, shapes: dict[str, tuple[int, ...]], tuning: NodeTuning, allowed: dict[str, set[str]]) -> NodeReport:
+    variants = {}
+    names = allowed.get(entry.op.lower())
+    for variant in entry.family.variants:
+        why = entry.why_not.get(variant.name)
+        if why is not None:
+            variants[variant.name] = {"status": "not_applicable", "reason": why}
+        elif names is not None and variant.name not in names:
+            variants[variant.name] = {"status": "skipped", "reason": "not in --variants"}
+        elif variant.name in tuning.outcomes:
+            variants[variant.name] = tuning.outcomes[variant.name].to_dict()
+    shape = ", ".join("x".join(map(str, s)) for s in shapes.values())
+    return NodeReport(entry.name, entry.op, shape, spec_dict(entry.spec), tuning.chosen, tuning.original_ms,
+                      variants, cached=tuning.cached)
+
+
+def _guard(
+    original: onnx.ModelProto,
+    optimized: onnx.ModelProto,
+    choices: dict[str, str],
+    report: Report,
+    runner: Runner,
+    shapes: dict[str, tuple[int, ...]],
+    feeds: Feeds | None,
+    atol: float | None,
+    rtol: float | None,
+) -> onnx.ModelProto:
+    """Keep `optimized` only if it agrees with `original` and is faster; else revert choices."""
+    timing_feeds = feeds if feeds is not None else input_sets(original, input_shapes=shapes, runs=1, seed=1234)[0]
+    gains = {n.name: (n.original_ms or 0) - (n.chosen_ms or 0) for n in report.nodes if n.name in choices}
+    for _ in range(GUARD_ROUNDS + 1):
+        check = verify(original, optimized, input_shapes=shapes, inputs=feeds, runs=2, atol=atol, rtol=rtol, runner=runner)
+        report.verification = {"passed": check.passed, "max_abs_err": check.max_abs_err, "max_rel_err": check.max_rel_err,
+                               "input_sets": check.input_sets}
+        if not choices:
+            return optimized
+        if not check:
+            _revert(report, list(choices), "the optimized model's outputs disagree with the original's")
+            return _guard(original, original, {}, report, runner, shapes, feeds, atol, rtol)
+        before, after = time_interleaved([runner.session(original), runner.session(optimized)], timing_feeds, MODEL_POLICY)
+        report.original_ms, report.optimized_ms = before.median_ms, after.median_ms
+        if after.median_ms <= before.median_ms * (1 - MODEL_MIN_GAIN):
+            return optimized
+        least = min(choices, key=lambda name: gains.get(name, 0.0))
+        _revert(report, [least], f"the optimized model was not faster ({after.median_ms:.3f} vs {before.median_ms:.3f} ms)")
+        del choices[least]
+        if len(report.reverted) >= GUARD_ROUNDS and choices:
+            _revert(report, list(choices), "the guard's revert budget is spent")
+            choices.clear()
+        optimized = apply_choices(original, choices) if choices else original
+    return optimized
+
+
+def _revert(report: Report, names: list[str], why: str) -> None:
+    for node in report.nodes:
+        if node.name in names and node.chosen != ORIGINAL:
+            node.reason = f"reverted from {node.chosen}: {why}"
+            node.chosen = ORIGINAL
+            report.reverted.append(node.name)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<48}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        transient=True, disable=not enabled,
+    )

@@ -1,0 +1,126 @@
+"""The optimize report: per-node timings and choices, the whole-model result, verification.
+
+`to_json()` has the stable keys DESIGN.md fixes; `table()` is what the terminal shows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnxruntime as ort
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass
+class NodeReport:
+    name: str
+    op: str
+    shape: str
+    spec: dict[str, Any] | None
+    chosen: str
+    original_ms: float | None
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cached: bool = False
+    reason: str | None = None
+
+    @property
+    def chosen_ms(self) -> float | None:
+        return self.variants.get(self.chosen, {}).get("ms", self.original_ms)
+
+    @property
+    def speedup(self) -> float | None:
+        if self.original_ms is None or not self.chosen_ms:
+            return None
+        return self.original_ms / self.chosen_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {
+            "name": self.name, "op": self.op, "shape": self.shape, "spec": self.spec, "chosen": self.chosen,
+            "original_ms": self.original_ms, "speedup": self.speedup, "cached": self.cached, "variants": self.variants,
+        }
+        if self.reason:
+            data["reason"] = self.reason
+        return data
+
+
+@dataclass
+class Report:
+    provider: str
+    device: str
+    threads: int | None
+    nodes: list[NodeReport] = field(default_factory=list)
+    original_ms: float | None = None
+    optimized_ms: float | None = None
+    verification: dict[str, Any] = field(default_factory=dict)
+    reverted: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    tuning: dict[str, Any] = field(default_factory=dict)
+    onnxruntime: str = ort.__version__
+
+    @property
+    def speedup(self) -> float | None:
+        if not self.original_ms or not self.optimized_ms:
+            return None
+        return self.original_ms / self.optimized_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "device": self.device,
+            "onnxruntime": self.onnxruntime,
+            "threads": self.threads,
+            "nodes": [n.to_dict() for n in self.nodes],
+            "model": {"original_ms": self.original_ms, "optimized_ms": self.optimized_ms, "speedup": self.speedup},
+            "verification": self.verification,
+            "guard": {"reverted": self.reverted},
+            "tuning": self.tuning,
+            "notices": self.notices,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> Table:
+        """Per node: op, input shape, each variant's median, the choice and its speedup."""
+        table = Table(title="convlower: per-node tuning", title_justify="left")
+        for column, justify in (("node", "left"), ("op", "left"), ("input shape", "left"), ("original ms", "right"),
+                                ("variants (median ms)", "left"), ("chosen", "left"), ("speedup", "right")):
+            table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        for node in self.nodes:
+            variants = ", ".join(_variant_cell(name, v) for name, v in node.variants.items()) or (node.reason or "")
+            table.add_row(
+                node.name, node.op, node.shape, _ms(node.original_ms), variants,
+                node.chosen + (" (cached)" if node.cached else ""),
+                f"{node.speedup:.2f}x" if node.speedup else "",
+            )
+        return table
+
+    def summary(self) -> str:
+        lowered = sum(1 for n in self.nodes if n.chosen != "original")
+        verdict = "verified" if self.verification.get("passed") else "NOT verified"
+        speed = f"{self.speedup:.2f}x end to end" if self.speedup else "end-to-end timing skipped"
+        return (
+            f"{lowered} of {len(self.nodes)} node(s) lowered; {speed} "
+            f"({_ms(self.original_ms)} -> {_ms(self.optimized_ms)} ms); {verdict}; on {self.provider} ({self.device})"
+        )
+
+    def __str__(self) -> str:
+        console = Console(width=160, record=True, file=io.StringIO())
+        console.print(self.table())
+        return console.export_text() + self.summary()
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "-"
+
+
+def _variant_cell(name: str, outcome: dict[str, Any]) -> str:
+    if outcome.get("status") == "ok":
+        return f"{name} {outcome['ms']:.3f}"
+    if outcome.get("status") == "not_applicable":
+        return f"{name} n/a"
+    return f"{name} rejected"

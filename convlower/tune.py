@@ -1,0 +1,164 @@
+"""Tuning one node: micro-models of the original and of each variant, checked, then timed together.
+
+A micro-model holds just one node (or one variant's replacement of it) with the node's real
+input shapes and dtype, its weights as initializers as in deployment (so onnxruntime's weight
+pre-packing counts), and the model's opsets and canonical-op functions. Every variant's output
+is checked against the original node's before it is timed; one that fails to load, to run or to
+agree is rejected with the reason. The original and the surviving variants are then timed
+interleaved, and a variant is chosen only when it beats the original by `MIN_GAIN`: ties and
+noise keep the original.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from convlower.passes import Builder, Variant, spec_key
+from convlower.passes.base import constant_value
+
+from .errors import UsageError
+from .runner import Runner, TimingPolicy, time_interleaved
+from .verify import compare
+
+ORIGINAL = "original"
+MIN_GAIN = 0.03
+"""A variant must be at least this much faster than the original node to replace it."""
+
+
+@dataclass
+class VariantOutcome:
+    """One variant on one node: ok with a median, not applicable, or rejected, with the reason."""
+
+    status: str
+    ms: float | None = None
+    max_abs_err: float | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class NodeTuning:
+    """The tuning of one distinct (spec, input shapes): outcomes by variant and the choice."""
+
+    original_ms: float
+    outcomes: dict[str, VariantOutcome] = field(default_factory=dict)
+    chosen: str = ORIGINAL
+    cached: bool = False
+
+    @property
+    def chosen_ms(self) -> float:
+        outcome = self.outcomes.get(self.chosen)
+        return outcome.ms if outcome is not None and outcome.ms is not None else self.original_ms
+
+
+def micro_model(
+    node: gs.Node,
+    opset_imports: Sequence[onnx.OperatorSetIdProto],
+    functions: Sequence[gs.Function],
+    variant: Variant | None = None,
+    spec: Any = None,
+) -> onnx.ModelProto:
+    """A model of just `node`, or of `variant`'s replacement of it when a variant is given."""
+    opset = next(o.version for o in opset_imports if o.domain in ("", "ai.onnx"))
+    graph = gs.Graph(opset=opset)
+    inputs: list[gs.Tensor] = []
+    for tensor in node.inputs:
+        value = None if tensor.is_empty() else constant_value(tensor)
+        if tensor.is_empty():
+            inputs.append(gs.Variable.empty())
+        elif value is not None:
+            inputs.append(gs.Constant(tensor.name, value))
+        else:
+            inputs.append(gs.Variable(tensor.name, dtype=tensor.dtype, shape=tensor.shape))
+            graph.inputs.append(inputs[-1])
+    dtype = node.outputs[0].dtype or next((t.dtype for t in inputs if t.dtype is not None), np.float32)
+    outputs = [gs.Variable(t.name, dtype=t.dtype or dtype, shape=t.shape) for t in node.outputs]
+    graph.outputs = list(outputs)
+    if variant is None:
+        graph.layer(op=node.op, domain=node.domain, attrs=dict(node.attrs), inputs=inputs, outputs=outputs, name=node.name)
+    else:
+        variant.build(Builder(graph, opset, node.name, dtype=dtype), spec, inputs, outputs)
+    used = {(n.domain, n.op) for n in graph.nodes}
+    graph.functions = [f for f in functions if (f.domain, f.name) in used]
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph, do_type_check=False, opset_imports=list(opset_imports))
+    return model
+
+
+def micro_feeds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for a micro-model at the node's concrete input shapes."""
+    from .inputs import random_inputs
+    from .shapes import graph_inputs
+
+    return random_inputs(graph_inputs(model), shapes, seed=seed)
+
+
+def tune_node(
+    node: gs.Node,
+    spec: Any,
+    candidates: Sequence[Variant],
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    opset_imports: Sequence[onnx.OperatorSetIdProto],
+    functions: Sequence[gs.Function],
+    runner: Runner,
+    policy: TimingPolicy,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> NodeTuning:
+    """Check every candidate against the original node, time the survivors, choose."""
+    original = micro_model(node, opset_imports, functions)
+    feeds = micro_feeds(original, shapes)
+    try:
+        reference_session = runner.session(original, what=f"node {node.name!r}")
+        reference = reference_session.run(feeds)
+    except UsageError as exc:
+        raise UsageError(f"node {node.name!r} ({node.op}) does not run on its own: {exc.what}", exc.fix) from exc
+    outcomes: dict[str, VariantOutcome] = {}
+    sessions = []
+    for variant in candidates:
+        try:
+            session = runner.session(micro_model(node, opset_imports, functions, variant, spec), what=variant.name)
+            got = session.run(feeds)
+        except Exception as exc:  # noqa: BLE001 - any failure rejects the variant, with the reason
+            outcomes[variant.name] = VariantOutcome("rejected", reason=f"fails to build, load or run: {_first_line(exc)}")
+            continue
+        diffs = [compare(str(i), r, g, atol, rtol) for i, (r, g) in enumerate(zip(reference, got))]
+        error = max(d.max_abs_err for d in diffs)
+        if not all(d.passed for d in diffs):
+            outcomes[variant.name] = VariantOutcome("rejected", max_abs_err=error, reason="output disagrees with the original node")
+            continue
+        outcomes[variant.name] = VariantOutcome("ok", max_abs_err=error)
+        sessions.append((variant.name, session))
+    timings = time_interleaved([reference_session] + [s for _, s in sessions], feeds, policy)
+    for (name, _), timing in zip(sessions, timings[1:]):
+        outcomes[name].ms = timing.median_ms
+    tuning = NodeTuning(timings[0].median_ms, outcomes)
+    tuning.chosen = choose(tuning)
+    return tuning
+
+
+def choose(tuning: NodeTuning) -> str:
+    """The fastest verified variant if it beats the original by MIN_GAIN, else the original."""
+    timed = [(o.ms, name) for name, o in tuning.outcomes.items() if o.status == "ok" and o.ms is not None]
+    if not timed:
+        return ORIGINAL
+    ms, name = min(timed)
+    return name if ms < tuning.original_ms * (1 - MIN_GAIN) else ORIGINAL
+
+
+def tuning_key(spec: Any, shapes: dict[str, tuple[int, ...]]) -> str:
+    """What makes two nodes the same tuning problem: the spec and the concrete input shapes."""
+    return spec_key(spec) + "|" + ",".join(f"{k}:{'x'.join(map(str, v))}" for k, v in sorted(shapes.items()))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
