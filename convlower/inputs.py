@@ -23,11 +23,11 @@ def random_inputs(inputs: list[InputInfo], shapes: dict[str, tuple[int, ...]], s
         shape = shapes[info.name]
         dtype = info.dtype
         if dtype == np.bool_:
-            feeds[info.name] = rng.random(shape) < 0.5
+            feeds[info.name] = np.asarray(rng.random(shape) < 0.5)
         elif np.issubdtype(dtype, np.integer):
-            feeds[info.name] = rng.integers(0, 4, size=shape).astype(dtype)
+            feeds[info.name] = np.asarray(rng.integers(0, 4, size=shape), dtype=dtype)
         elif np.issubdtype(dtype, np.floating):
-            feeds[info.name] = rng.standard_normal(shape).astype(dtype)
+            feeds[info.name] = np.asarray(rng.standard_normal(shape), dtype=dtype)
         else:
             raise UsageError(
                 f"input {info.name!r} has element type {dtype}, which convlower cannot generate",

@@ -102,11 +102,13 @@ class Report:
     def summary(self) -> str:
         lowered = sum(1 for n in self.nodes if n.chosen != "original")
         verdict = "verified" if self.verification.get("passed") else "NOT verified"
-        speed = f"{self.speedup:.2f}x end to end" if self.speedup else "end-to-end timing skipped"
-        return (
-            f"{lowered} of {len(self.nodes)} node(s) lowered; {speed} "
-            f"({_ms(self.original_ms)} -> {_ms(self.optimized_ms)} ms); {verdict}; on {self.provider} ({self.device})"
-        )
+        if self.speedup:
+            speed = f"{self.speedup:.2f}x end to end ({_ms(self.original_ms)} -> {_ms(self.optimized_ms)} ms)"
+        elif not lowered:
+            speed = "the original is kept: no variant beat it"
+        else:
+            speed = "end-to-end timing skipped"
+        return f"{lowered} of {len(self.nodes)} node(s) lowered; {speed}; {verdict}; on {self.provider} ({self.device})"
 
     def __str__(self) -> str:
         console = Console(width=160, record=True, file=io.StringIO())

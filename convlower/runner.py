@@ -196,7 +196,11 @@ class Session:
 def time_interleaved(
     sessions: Sequence[Session], feeds: dict[str, np.ndarray], policy: TimingPolicy = TimingPolicy()
 ) -> list[Timing]:
-    """Time several sessions on the same feeds, alternating runs so drift hits all alike."""
+    """Time several sessions on the same feeds, alternating runs so drift hits all alike.
+
+    The order rotates every round: a session run right after another pays for that one's
+    spinning worker threads, so no session may always go first.
+    """
     calls = [s.runner_for(feeds) for s in sessions]
     for call in calls:
         for _ in range(policy.warmup):
@@ -204,11 +208,13 @@ def time_interleaved(
     samples: list[list[float]] = [[] for _ in calls]
     start = time.perf_counter()
     last_median: list[float] | None = None
+    order = list(range(len(calls)))
     while True:
-        for call, bucket in zip(calls, samples):
+        for index in order:
             t0 = time.perf_counter()
-            call()
-            bucket.append((time.perf_counter() - t0) * 1e3)
+            calls[index]()
+            samples[index].append((time.perf_counter() - t0) * 1e3)
+        order = order[1:] + order[:1]
         runs = len(samples[0])
         if runs >= policy.max_runs or (runs >= 3 and time.perf_counter() - start > policy.budget_s):
             break

@@ -1,0 +1,235 @@
+"""optimize: tuning choices, the cache, the guard, the CLI, and models from other exporters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import convlower
+from convlower.cli import main
+from convlower.models.builders import conv_block
+from convlower.optimize import MODEL_MIN_GAIN, _guard
+from convlower.report import NodeReport, Report
+from convlower.rewrite import apply_choices
+from convlower.runner import Runner
+from convlower.testing import assert_equivalent
+from convlower.tune import MIN_GAIN, ORIGINAL
+
+RNG = np.random.default_rng(0)
+
+
+def weight(name: str, shape: tuple[int, ...], dtype=np.float32) -> onnx.TensorProto:
+    return numpy_helper.from_array((RNG.standard_normal(shape) * 0.2).astype(dtype), name)
+
+
+@pytest.fixture(scope="module")
+def block() -> onnx.ModelProto:
+    return conv_block(channels=16, size=32)
+
+
+def test_choices_follow_the_timings_and_the_model_is_not_slower(block: onnx.ModelProto) -> None:
+    result = convlower.optimize(block, provider="cpu", cache=None)
+    report = result.report
+    assert report.provider == "CPUExecutionProvider"
+    assert [n.name for n in report.nodes] == ["conv1", "dwconv2", "pwconv3"]
+    for node in report.nodes:
+        timed = {name: v["ms"] for name, v in node.variants.items() if v.get("status") == "ok" and name != "native"}
+        assert timed, f"no variant of {node.name} was timed"
+        assert node.variants["native"]["ms"] == node.original_ms, "native is the original node"
+        if node.reason and node.reason.startswith("reverted"):
+            continue
+        fastest = min(timed.values())
+        if fastest >= node.original_ms * (1 - MIN_GAIN):
+            assert node.chosen == ORIGINAL, f"{node.name}: native is as fast, yet {node.chosen} was chosen"
+        else:
+            assert node.chosen in timed
+    assert report.verification["passed"]
+    if any(n.chosen != ORIGINAL for n in report.nodes):
+        assert report.optimized_ms <= report.original_ms * (1 - MODEL_MIN_GAIN)
+    assert_equivalent(block, result.model)
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_identical_specs_are_tuned_once() -> None:
+    w = weight("w", (4, 4, 3, 3))
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["a"], name="first", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "w"], ["y"], name="second", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(nodes, "twice", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    report = convlower.optimize(model, provider="cpu", cache=None, guard=False).report
+    assert report.tuning["distinct_specs"] == 1 and report.tuning["timed"] == 1
+    assert len(report.nodes) == 2 and report.verification == {"skipped": True}
+
+
+def test_second_run_uses_the_cache(block: onnx.ModelProto, tmp_path: Path) -> None:
+    cache = tmp_path / "tuning.json"
+    first = convlower.optimize(block, provider="cpu", cache=str(cache), guard=False).report
+    assert first.tuning["timed"] == 3 and cache.is_file()
+    second = convlower.optimize(block, provider="cpu", cache=str(cache), guard=False).report
+    assert second.tuning["timed"] == 0 and second.tuning["cached"] == 3
+    assert all(n.cached for n in second.nodes)
+    assert [n.chosen for n in second.nodes] == [n.chosen for n in first.nodes]
+
+
+def test_a_foreign_cache_file_is_ignored_and_kept(block: onnx.ModelProto, tmp_path: Path) -> None:
+    cache = tmp_path / "tuning.json"
+    cache.write_text('{"something": "else"}')
+    with pytest.warns(UserWarning, match="is not a convlower tuning cache"):
+        report = convlower.optimize(block, provider="cpu", cache=str(cache), guard=False).report
+    assert report.tuning["timed"] == 3
+    assert cache.read_text() == '{"something": "else"}'
+
+
+def slowed(model: onnx.ModelProto, size: int = 384) -> onnx.ModelProto:
+    """The model plus a large MatMul whose result is multiplied by zero: same outputs, much slower."""
+    slow = onnx.ModelProto()
+    slow.CopyFrom(model)
+    out = slow.graph.output[0].name
+    slow.graph.node[-1].output[0] = "before_slow"
+    slow.graph.initializer.extend([
+        numpy_helper.from_array(RNG.standard_normal((size, size)).astype(np.float32), "big"),
+        numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+    ])
+    slow.graph.node.extend([
+        helper.make_node("MatMul", ["big", "big"], ["big2"]),
+        helper.make_node("MatMul", ["big2", "big"], ["big3"]),
+        helper.make_node("ReduceSum", ["big3"], ["heavy"], keepdims=0),
+        helper.make_node("Mul", ["heavy", "zero"], ["nothing"]),
+        helper.make_node("Add", ["before_slow", "nothing"], [out]),
+    ])
+    return slow
+
+
+def test_guard_reverts_a_choice_that_makes_the_model_slower(block: onnx.ModelProto) -> None:
+    runner = Runner("cpu")
+    report = Report(runner.provider, runner.device, None)
+    report.nodes.append(NodeReport("conv1", "Conv", "1x3x16x16", None, "im2col", 1.0, {"im2col": {"status": "ok", "ms": 0.5}}))
+    slow = slowed(apply_choices(block, {"conv1": "im2col"}))
+    kept = _guard(block, slow, {"conv1": "im2col"}, report, runner, {"x": (1, 3, 32, 32)}, None, None, None)
+    assert kept is block
+    assert report.reverted == ["conv1"] and report.nodes[0].chosen == ORIGINAL
+    assert "not faster" in report.nodes[0].reason
+    assert report.verification["passed"]
+
+
+def test_guard_reverts_a_wrong_model(block: onnx.ModelProto) -> None:
+    runner = Runner("cpu")
+    report = Report(runner.provider, runner.device, None)
+    report.nodes.append(NodeReport("conv1", "Conv", "", None, "im2col", 1.0, {"im2col": {"status": "ok", "ms": 0.5}}))
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(block)
+    wrong.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((16, 3, 3, 3), np.float32), "w1"))
+    kept = _guard(block, wrong, {"conv1": "im2col"}, report, runner, {"x": (1, 3, 32, 32)}, None, None, None)
+    assert kept is block and "disagree" in report.nodes[0].reason
+
+
+def test_cli_optimize_writes_model_and_report(block: onnx.ModelProto, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "block.onnx"
+    onnx.save(block, source)
+    before = source.read_bytes()
+    assert main(["optimize", str(source), "--provider", "cpu", "--no-cache", "--input-shape", "x:2x3x32x32"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-2]
+    assert "node(s) lowered" in summary and "verified" in summary and "on CPUExecutionProvider" in summary
+    assert source.read_bytes() == before
+    model_path, report_path = tmp_path / "block.convlower.onnx", tmp_path / "block.convlower.json"
+    report = json.loads(report_path.read_text())
+    assert set(report) >= {"provider", "device", "onnxruntime", "nodes", "model", "verification"}
+    assert report["provider"] == "CPUExecutionProvider" and report["onnxruntime"] == ort.__version__
+    node = report["nodes"][0]
+    assert set(node) >= {"name", "op", "spec", "chosen", "variants"}
+    assert node["spec"]["group"] == 1 and "native" in node["variants"]
+    assert report["verification"]["passed"] is True
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "N", "the symbolic batch dim must survive"
+
+
+def test_cli_optimize_bad_variant_filter(block: onnx.ModelProto, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "block.onnx"
+    onnx.save(block, source)
+    assert main(["optimize", str(source), "--variants", "conv=nope"]) == 2
+    assert main(["optimize", str(source), "--variants", "Frobnicate=x"]) == 2
+    assert not (tmp_path / "block.convlower.onnx").exists()
+
+
+def if_model() -> onnx.ModelProto:
+    """A Conv in each branch of an If, with weights from the outer graph."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])
+    branch_out = helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 4, 8, 8])
+    then = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["b"], name="then_conv", pads=[1, 1, 1, 1])],
+                             "then", [], [branch_out])
+    other = helper.make_graph([helper.make_node("Conv", ["x", "w", "bias"], ["b"], name="else_conv", pads=[1, 1, 1, 1])],
+                              "else", [], [branch_out])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other)], "if_model",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, []), x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [weight("w", (4, 4, 3, 3)), weight("bias", (4,))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_nodes_inside_control_flow_are_planned_and_lowered() -> None:
+    model = if_model()
+    report = convlower.optimize(model, provider="cpu", cache=None).report
+    assert {n.name for n in report.nodes} == {"then_conv", "else_conv"}
+    lowered = convlower.lower(model, ["conv=im2col"])
+    assert [n.variant for n in lowered.nodes] == ["im2col", "im2col"]
+    for cond in (True, False):
+        assert_equivalent(model, lowered.model, inputs={"cond": np.array(cond), "x": RNG.standard_normal((1, 4, 8, 8)).astype(np.float32)})
+
+
+def third_party_model() -> onnx.ModelProto:
+    """What other exporters write: opset 11, weights in Constant nodes, BatchNormalization after
+    Conv, a quantized ConvInteger that must be left alone, no node names, outputs without the
+    shape field that onnx.checker wants at this IR version."""
+    w = helper.make_node("Constant", [], ["w"], value=weight("w_value", (6, 3, 3, 3)))
+    conv = helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1])
+    bn = helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["n"])
+    relu = helper.make_node("Relu", ["n"], ["y"])
+    qx = helper.make_node("Cast", ["xq_in"], ["xq"], to=TensorProto.UINT8)
+    conv_int = helper.make_node("ConvInteger", ["xq", "wq"], ["yq"])
+    initializers = [
+        weight("scale", (6,)), weight("shift", (6,)), weight("mean", (6,)),
+        numpy_helper.from_array(np.ones(6, np.float32), "var"),
+        numpy_helper.from_array(RNG.integers(0, 4, (2, 1, 2, 2)).astype(np.uint8), "wq"),
+    ]
+    graph = helper.make_graph(
+        [w, conv, bn, relu, qx, conv_int], "third_party",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 12, 12]),
+         helper.make_tensor_value_info("xq_in", TensorProto.INT32, [1, 1, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), helper.make_tensor_value_info("yq", TensorProto.INT32, None)],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=6)
+
+
+def test_models_from_other_exporters_do_not_crash_or_change() -> None:
+    model = third_party_model()
+    result = convlower.optimize(model, provider="cpu", cache=None, input_shapes={"x": (2, 3, 12, 12)})
+    assert [n.op for n in result.report.nodes] == ["Conv"]
+    assert "ConvInteger" in [n.op_type for n in result.model.graph.node]
+    assert_equivalent(model, result.model, input_shapes={"x": (2, 3, 12, 12)})
+    lowered = convlower.lower(model, ["conv=shift_matmul"])
+    assert lowered.lowered and "Conv" not in [n.op_type for n in lowered.model.graph.node]
+    assert_equivalent(model, lowered.model, input_shapes={"x": (2, 3, 12, 12)})
+
+
+def test_float16_model() -> None:
+    w = weight("w", (4, 3, 3, 3), np.float16)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv16", strides=[2, 2])], "half",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = convlower.optimize(model, provider="cpu", cache=None)
+    assert result.report.verification["passed"]
+    for name, variant in result.report.nodes[0].variants.items():
+        assert variant["status"] in {"ok", "not_applicable"}, f"{name}: {variant}"
