@@ -116,26 +116,15 @@ def optimize(
         report.notices.append(runner.notice)
     feeds = _given_feeds(proto, inputs)
     shapes = feeds_shapes(feeds) if feeds is not None else resolve_shapes(graph_inputs(proto), input_shapes)
-    runner.session(proto)
+    runner.session(proto)  # fail early, with onnxruntime's reason, on a model it cannot load
 
-    opset = default_opset(proto)
     graph = import_graph(proto)
-    planned = plan_nodes(graph, opset)
-    static_shapes = _static_shapes(proto, shapes)
+    planned = plan_nodes(graph, default_opset(proto))
+    groups = _group(planned, _static_shapes(proto, shapes), report)
     cache_store = TuningCache(default_cache_path() if cache is USE_DEFAULT_CACHE else cache)  # type: ignore[arg-type]
     environment = [runner.provider, runner.device, report.onnxruntime, threads]
 
-    groups: dict[str, list[tuple[PlannedNode, dict[str, tuple[int, ...]]]]] = {}
-    for entry in planned:
-        node_shapes, reason = _node_shapes(entry, static_shapes)
-        entry_reason = entry.reason or reason
-        if entry_reason:
-            report.nodes.append(NodeReport(entry.name, entry.op, "?", None, ORIGINAL, None, reason=entry_reason))
-            continue
-        groups.setdefault(tuning_key(entry.spec, node_shapes), []).append((entry, node_shapes))
-
     started = time.perf_counter()
-    tunings: dict[str, NodeTuning] = {}
     timed = 0
     with _progress(progress) as bar:
         task = bar.add_task("tuning", total=len(groups))
@@ -151,11 +140,11 @@ def optimize(
                 )
                 timed += 1
                 _store(cache_store, key, environment, tuning)
-            tunings[key] = tuning
-            for member, member_shapes in members:
-                report.nodes.append(_node_report(member, member_shapes, tuning, allowed))
+            report.nodes.extend(_node_report(member, member_shapes, tuning, allowed) for member, member_shapes in members)
             bar.advance(task)
     cache_store.save()
+    order = {entry.name: index for index, entry in enumerate(planned)}
+    report.nodes.sort(key=lambda n: order[n.name])
     report.tuning = {"seconds": round(time.perf_counter() - started, 3), "distinct_specs": len(groups),
                      "timed": timed, "cached": len(groups) - timed, "cache": str(cache_store.path) if cache_store.path else None}
 
@@ -166,6 +155,21 @@ def optimize(
     else:
         report.verification = {"skipped": True}
     return OptimizeResult(optimized, report)
+
+
+def _group(
+    planned: list[PlannedNode], static_shapes: dict[str, tuple[int, ...] | None], report: Report
+) -> dict[str, list[tuple[PlannedNode, dict[str, tuple[int, ...]]]]]:
+    """Nodes by tuning key (spec + input shapes), so each distinct problem is tuned once; nodes
+    that cannot be tuned go straight to the report with the reason."""
+    groups: dict[str, list[tuple[PlannedNode, dict[str, tuple[int, ...]]]]] = {}
+    for entry in planned:
+        node_shapes, reason = _node_shapes(entry, static_shapes)
+        if entry.reason or reason:
+            report.nodes.append(NodeReport(entry.name, entry.op, "?", None, ORIGINAL, None, reason=entry.reason or reason))
+            continue
+        groups.setdefault(tuning_key(entry.spec, node_shapes), []).append((entry, node_shapes))
+    return groups
 
 
 def _given_feeds(model: onnx.ModelProto, inputs: str | Feeds | None) -> Feeds | None:

@@ -233,3 +233,27 @@ def test_float16_model() -> None:
     assert result.report.verification["passed"]
     for name, variant in result.report.nodes[0].variants.items():
         assert variant["status"] in {"ok", "not_applicable"}, f"{name}: {variant}"
+
+
+@pytest.mark.parametrize("opset", range(11, 22))
+def test_every_opset_from_11_to_21(opset: int) -> None:
+    model = conv_block(channels=4, size=8, opset=opset)
+    result = convlower.optimize(model, provider="cpu", cache=None, input_shapes={"x": (1, 3, 8, 8)})
+    assert result.report.verification["passed"]
+    for name in ("im2col", "shift_matmul", "einsum", "pointwise_matmul", "depthwise_shift"):
+        lowered = convlower.lower(model, {"conv": name})
+        if name == "einsum" and opset < 12:
+            assert not lowered.lowered and "opset" in lowered.nodes[0].reason
+            continue
+        assert lowered.lowered, f"{name} applied to nothing"
+        assert_equivalent(model, lowered.model, input_shapes={"x": (2, 3, 8, 8)})
+
+
+def test_cli_optimize_on_cuda_without_a_gpu_is_a_usage_error(block: onnx.ModelProto, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if Runner("auto", quiet=True).provider != "CPUExecutionProvider":
+        pytest.skip("CUDA loads here")
+    source = tmp_path / "block.onnx"
+    onnx.save(block, source)
+    assert main(["optimize", str(source), "--provider", "cuda", "--no-cache"]) == 2
+    assert "--provider cuda" in capsys.readouterr().err
+    assert not (tmp_path / "block.convlower.onnx").exists()
