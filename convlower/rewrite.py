@@ -108,13 +108,13 @@ def finish(original: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
     model.doc_string = original.doc_string
     del model.metadata_props[:]
     model.metadata_props.extend(original.metadata_props)
+    del model.graph.value_info[:]
+    model = infer_shapes(model)
     for ours, theirs in ((model.graph.input, original.graph.input), (model.graph.output, original.graph.output)):
         by_name = {v.name: v for v in theirs}
         for value in ours:
             if value.name in by_name:
                 value.CopyFrom(by_name[value.name])
-    del model.graph.value_info[:]
-    model = infer_shapes(model)
     runtime_compatible(model)
     try:
         onnx.checker.check_model(model, full_check=True)

@@ -57,3 +57,5 @@ __all__ = [
     "spec_dict",
     "spec_key",
 ]
+
+from . import conv  # noqa: E402,F401  (registers Conv)
