@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -73,6 +73,7 @@ class TimingPolicy:
     max_runs: int = 500
     budget_s: float = 1.0
     stable_within: float = 0.02
+    block: int = 3
 
 
 class Runner:
@@ -196,12 +197,18 @@ class Session:
 def time_interleaved(
     sessions: Sequence[Session], feeds: dict[str, np.ndarray], policy: TimingPolicy = TimingPolicy()
 ) -> list[Timing]:
-    """Time several sessions on the same feeds, alternating runs so drift hits all alike.
+    """Time several sessions on the same feeds, interleaved (see `time_calls`)."""
+    return time_calls([s.runner_for(feeds) for s in sessions], policy)
 
-    The order rotates every round: a session run right after another pays for that one's
-    spinning worker threads, so no session may always go first.
+
+def time_calls(calls: Sequence[Callable[[], object]], policy: TimingPolicy = TimingPolicy()) -> list[Timing]:
+    """Time several zero-argument calls, interleaved so drift hits all alike.
+
+    Each round runs every call for a block of `policy.block` timed runs, after one untimed run:
+    on the CPU a session run right after another pays for that one's still-spinning worker
+    threads (measured here: ~50% on a small model), so the first run after a switch is not
+    counted, and the order rotates every round so no call always goes first.
     """
-    calls = [s.runner_for(feeds) for s in sessions]
     for call in calls:
         for _ in range(policy.warmup):
             call()
@@ -211,14 +218,16 @@ def time_interleaved(
     order = list(range(len(calls)))
     while True:
         for index in order:
-            t0 = time.perf_counter()
             calls[index]()
-            samples[index].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(policy.block):
+                t0 = time.perf_counter()
+                calls[index]()
+                samples[index].append((time.perf_counter() - t0) * 1e3)
         order = order[1:] + order[:1]
         runs = len(samples[0])
         if runs >= policy.max_runs or (runs >= 3 and time.perf_counter() - start > policy.budget_s):
             break
-        if runs >= policy.min_runs and runs % 5 == 0:
+        if runs >= policy.min_runs and runs % (policy.block * 3) == 0:
             medians = [statistics.median(b) for b in samples]
             if last_median and all(
                 abs(m - p) <= policy.stable_within * p for m, p in zip(medians, last_median)
