@@ -59,3 +59,4 @@ __all__ = [
 ]
 
 from . import conv  # noqa: E402,F401  (registers Conv)
+from . import col2im, conv_transpose  # noqa: E402,F401

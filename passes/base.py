@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -37,6 +38,29 @@ def spec_key(spec: Any) -> str:
 def spec_dict(spec: Any) -> dict[str, Any]:
     """The spec as plain JSON-ready data, for reports and `inspect`."""
     return dataclasses.asdict(spec)
+
+
+class GroupedKernelSizes:
+    """Sizes derived from a grouped-convolution spec's `in_channels`, `out_channels`, `group` and
+    `kernel_shape` fields: a mixin for the frozen spec dataclasses of Conv-like ops."""
+
+    in_channels: int
+    out_channels: int
+    group: int
+    kernel_shape: tuple[int, ...]
+
+    @property
+    def taps(self) -> int:
+        """Kernel positions: prod(kernel_shape)."""
+        return math.prod(self.kernel_shape)
+
+    @property
+    def in_per_group(self) -> int:
+        return self.in_channels // self.group
+
+    @property
+    def out_per_group(self) -> int:
+        return self.out_channels // self.group
 
 
 class Variant(Protocol):
