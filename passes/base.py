@@ -143,6 +143,33 @@ def onnx_dtype(tensor: gs.Tensor) -> int | None:
     return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
+FLOAT_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64"}
+"""Element types the variants handle (bfloat16 has no NumPy type to build constants from)."""
+
+def float_dtype(x: gs.Tensor) -> str:
+    """The name of a tensor's float element type; raises NotLowerable for any other."""
+    elem_type = onnx_dtype(x)
+    if elem_type is None:
+        raise NotLowerable("the input's element type is unknown")
+    if elem_type not in FLOAT_TYPES:
+        name = onnx.TensorProto.DataType.Name(elem_type).lower()
+        raise NotLowerable(f"element type {name}: the variants handle {', '.join(FLOAT_TYPES.values())}")
+    return FLOAT_TYPES[elem_type]
+
+
+def positive_ints(values: Sequence[int], rank: int, what: str) -> tuple[int, ...]:
+    """An attribute of `rank` positive ints (strides, dilations, ...); raises NotLowerable otherwise."""
+    ints = tuple(values)
+    if len(ints) != rank or any(v is None or v < 1 for v in ints):
+        raise NotLowerable(f"{what} {list(ints)} is not {rank} positive integer(s)")
+    return tuple(int(v) for v in ints)
+
+
+def attr_text(value: str | bytes) -> str:
+    """A string attribute as text (onnx-graphsurgeon may hand bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class Builder:
     """Emits nodes into a graph at a given opset, naming them after the node they replace.
 
@@ -271,3 +298,41 @@ class Builder:
 
     def identity(self, x: gs.Tensor, out: gs.Variable) -> gs.Variable:
         return self.op("Identity", [x], out=out)
+
+
+@dataclass(frozen=True)
+class Reshape:
+    """A reshape of a weight or bias: in NumPy for a constant, a node for a run-time input."""
+
+    shape: tuple[int, ...]
+
+    def on_array(self, value: np.ndarray) -> np.ndarray:
+        return value.reshape(self.shape)
+
+    def on_graph(self, b: Builder, tensor: gs.Tensor) -> gs.Tensor:
+        return b.reshape(tensor, self.shape)
+
+
+@dataclass(frozen=True)
+class Transpose:
+    """A transpose of a weight: in NumPy for a constant, a node for a run-time input."""
+
+    perm: tuple[int, ...]
+
+    def on_array(self, value: np.ndarray) -> np.ndarray:
+        return value.transpose(self.perm)
+
+    def on_graph(self, b: Builder, tensor: gs.Tensor) -> gs.Tensor:
+        return b.transpose(tensor, self.perm)
+
+
+def rearranged(b: Builder, tensor: gs.Tensor, *steps: Reshape | Transpose) -> gs.Tensor:
+    """`tensor` put through `steps`: once at rewrite time when it is a constant, else by nodes."""
+    value = constant_value(tensor)
+    if value is None:
+        for step in steps:
+            tensor = step.on_graph(b, tensor)
+        return tensor
+    for step in steps:
+        value = step.on_array(value)
+    return b.const(value, "weight")

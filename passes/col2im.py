@@ -30,8 +30,18 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import register
-from .base import Builder, Dim, NotLowerable, OpFamily, SimpleVariant, constant_value, spec_key, static_shape
-from .conv import _float_dtype, _ints
+from .base import (
+    Builder,
+    Dim,
+    NotLowerable,
+    OpFamily,
+    SimpleVariant,
+    constant_value,
+    float_dtype,
+    positive_ints,
+    spec_key,
+    static_shape,
+)
 
 COL2IM_OPSET = 18
 """Col2Im's first opset."""
@@ -184,8 +194,8 @@ def make_spec(node: gs.Node, opset: int) -> Col2ImSpec:
     rank = len(image)
     if len(block) != rank or rank == 0:
         raise NotLowerable(f"image_shape {list(image)} and block_shape {list(block)} differ in rank")
-    strides = _ints(node.attrs.get("strides", [1] * rank), rank, "strides")
-    dilations = _ints(node.attrs.get("dilations", [1] * rank), rank, "dilations")
+    strides = positive_ints(node.attrs.get("strides", [1] * rank), rank, "strides")
+    dilations = positive_ints(node.attrs.get("dilations", [1] * rank), rank, "dilations")
     pads = non_negative_ints(node.attrs.get("pads", [0] * 2 * rank), 2 * rank, "pads")
     shape = static_shape(columns)
     if shape is None or len(shape) != 3 or shape[1] is None:
@@ -205,7 +215,7 @@ def make_spec(node: gs.Node, opset: int) -> Col2ImSpec:
             f"the columns hold {shape[2]} blocks, but the image, block, pads and strides make {list(blocks)}"
         )
     return Col2ImSpec(
-        dtype=_float_dtype(columns),
+        dtype=float_dtype(columns),
         opset=opset,
         batch=shape[0],
         channels=channels,

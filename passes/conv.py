@@ -32,26 +32,37 @@ and only `native` applies.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from . import register
-from .base import Builder, Dim, NotLowerable, OpFamily, SimpleVariant, constant_value, onnx_dtype, spec_key, static_shape
-
-FLOAT_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64"}
-"""Element types the variants handle (bfloat16 has no NumPy type to build constants from)."""
+from .base import (
+    Builder,
+    Dim,
+    GroupedKernelSizes,
+    NotLowerable,
+    OpFamily,
+    Reshape,
+    SimpleVariant,
+    Transpose,
+    attr_text,
+    constant_value,
+    float_dtype,
+    positive_ints,
+    rearranged,
+    spec_key,
+    static_shape,
+)
 
 EINSUM_OPSET = 12
 _SLICE_TO_END = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True, kw_only=True)
-class ConvSpec:
+class ConvSpec(GroupedKernelSizes):
     """One ONNX Conv with every default and auto_pad resolved.
 
     Spatial dims are None where symbolic. `pads` is ONNX order (all begins, then all ends), or None
@@ -93,19 +104,6 @@ class ConvSpec:
         return self.pads is not None
 
     @property
-    def taps(self) -> int:
-        """Kernel positions: prod(kernel_shape)."""
-        return math.prod(self.kernel_shape)
-
-    @property
-    def in_per_group(self) -> int:
-        return self.in_channels // self.group
-
-    @property
-    def out_per_group(self) -> int:
-        return self.out_channels // self.group
-
-    @property
     def group_dims(self) -> list[int]:
         """`[group]` for a grouped conv, `[]` otherwise: the leading axis of grouped layouts."""
         return [self.group] if self.group > 1 else []
@@ -115,7 +113,7 @@ def make_spec(node: gs.Node, opset: int) -> ConvSpec:
     """The spec of one Conv node; raises NotLowerable with the reason where it cannot be described."""
     x, weight = node.inputs[0], node.inputs[1]
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    dtype = _float_dtype(x)
+    dtype = float_dtype(x)
     x_shape = static_shape(x)
     if x_shape is None:
         raise NotLowerable("the input's rank is unknown; run shape inference or give the input a shape")
@@ -133,13 +131,13 @@ def make_spec(node: gs.Node, opset: int) -> ConvSpec:
     in_channels = in_per_group * group
     if x_shape[1] is not None and x_shape[1] != in_channels:
         raise NotLowerable(f"input has {x_shape[1]} channels, weight and group={group} expect {in_channels}")
-    kernel_shape = _ints(node.attrs.get("kernel_shape", w_shape[2:]), rank, "kernel_shape")
+    kernel_shape = positive_ints(node.attrs.get("kernel_shape", w_shape[2:]), rank, "kernel_shape")
     if any(w is not None and w != k for w, k in zip(w_shape[2:], kernel_shape)):
         raise NotLowerable(f"kernel_shape {list(kernel_shape)} disagrees with the weight's shape {list(w_shape)}")
-    strides = _ints(node.attrs.get("strides", [1] * rank), rank, "strides")
-    dilations = _ints(node.attrs.get("dilations", [1] * rank), rank, "dilations")
+    strides = positive_ints(node.attrs.get("strides", [1] * rank), rank, "strides")
+    dilations = positive_ints(node.attrs.get("dilations", [1] * rank), rank, "dilations")
     in_spatial = x_shape[2:]
-    auto_pad = _text(node.attrs.get("auto_pad", "NOTSET"))
+    auto_pad = attr_text(node.attrs.get("auto_pad", "NOTSET"))
     pads, out_spatial = _resolve_padding(
         auto_pad, node.attrs.get("pads"), in_spatial, kernel_shape, strides, dilations
     )
@@ -164,31 +162,10 @@ def make_spec(node: gs.Node, opset: int) -> ConvSpec:
     )
 
 
-def _float_dtype(x: gs.Tensor) -> str:
-    elem_type = onnx_dtype(x)
-    if elem_type is None:
-        raise NotLowerable("the input's element type is unknown")
-    if elem_type not in FLOAT_TYPES:
-        name = onnx.TensorProto.DataType.Name(elem_type).lower()
-        raise NotLowerable(f"element type {name}: the variants handle {', '.join(FLOAT_TYPES.values())}")
-    return FLOAT_TYPES[elem_type]
-
-
 def _known(dim: Dim, what: str) -> int:
     if dim is None:
         raise NotLowerable(f"{what} is symbolic; it must be static")
     return dim
-
-
-def _ints(values: Sequence[int], rank: int, what: str) -> tuple[int, ...]:
-    ints = tuple(values)
-    if len(ints) != rank or any(v is None or v < 1 for v in ints):
-        raise NotLowerable(f"{what} {list(ints)} is not {rank} positive integer(s)")
-    return tuple(int(v) for v in ints)
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _resolve_padding(
@@ -257,44 +234,6 @@ def why_not_depthwise(spec: ConvSpec) -> str | None:
 
 
 # ---- shared pieces of the lowerings ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Reshape:
-    """A reshape of a weight or bias: in NumPy for a constant, a node for a run-time input."""
-
-    shape: tuple[int, ...]
-
-    def on_array(self, value: np.ndarray) -> np.ndarray:
-        return value.reshape(self.shape)
-
-    def on_graph(self, b: Builder, tensor: gs.Tensor) -> gs.Tensor:
-        return b.reshape(tensor, self.shape)
-
-
-@dataclass(frozen=True)
-class Transpose:
-    """A transpose of a weight: in NumPy for a constant, a node for a run-time input."""
-
-    perm: tuple[int, ...]
-
-    def on_array(self, value: np.ndarray) -> np.ndarray:
-        return value.transpose(self.perm)
-
-    def on_graph(self, b: Builder, tensor: gs.Tensor) -> gs.Tensor:
-        return b.transpose(tensor, self.perm)
-
-
-def rearranged(b: Builder, tensor: gs.Tensor, *steps: Reshape | Transpose) -> gs.Tensor:
-    """`tensor` put through `steps`: once at rewrite time when it is a constant, else by nodes."""
-    value = constant_value(tensor)
-    if value is None:
-        for step in steps:
-            tensor = step.on_graph(b, tensor)
-        return tensor
-    for step in steps:
-        value = step.on_array(value)
-    return b.const(value, "weight")
 
 
 def split_first_axis(b: Builder, tensor: gs.Tensor, count: int) -> list[gs.Tensor]:

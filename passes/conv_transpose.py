@@ -51,10 +51,24 @@ import onnx_graphsurgeon as gs
 
 from . import register
 from .base import (
-    Builder, Dim, GroupedKernelSizes, NotLowerable, OpFamily, SimpleVariant, constant_value, spec_key, static_shape,
+    Builder,
+    Dim,
+    GroupedKernelSizes,
+    NotLowerable,
+    OpFamily,
+    Reshape,
+    SimpleVariant,
+    Transpose,
+    attr_text,
+    constant_value,
+    float_dtype,
+    positive_ints,
+    rearranged,
+    spec_key,
+    static_shape,
 )
 from .col2im import COL2IM_DILATION_BUG, COL2IM_OPSET, cut, interleave, non_negative_ints, plan_window, window
-from .conv import Reshape, Transpose, _float_dtype, _ints, _text, operands, rearranged
+from .conv import operands
 
 _SLICE_TO_START = np.iinfo(np.int64).min
 
@@ -115,7 +129,7 @@ def make_spec(node: gs.Node, opset: int) -> ConvTransposeSpec:
     """The spec of one ConvTranspose node; raises NotLowerable with the reason where it cannot be described."""
     x, weight = node.inputs[0], node.inputs[1]
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    dtype = _float_dtype(x)
+    dtype = float_dtype(x)
     w_shape = static_shape(weight)
     if w_shape is None or len(w_shape) < 3 or None in w_shape:
         raise NotLowerable("the weight's shape must be static, [C, M/group, *kernel]")
@@ -130,13 +144,13 @@ def make_spec(node: gs.Node, opset: int) -> ConvTransposeSpec:
         raise NotLowerable(f"group={group} does not divide the {in_channels} input channels")
     if x_shape[1] is not None and x_shape[1] != in_channels:
         raise NotLowerable(f"the input has {x_shape[1]} channels, the weight {in_channels}")
-    kernel_shape = _ints(node.attrs.get("kernel_shape", w_shape[2:]), rank, "kernel_shape")
+    kernel_shape = positive_ints(node.attrs.get("kernel_shape", w_shape[2:]), rank, "kernel_shape")
     if kernel_shape != tuple(w_shape[2:]):
         raise NotLowerable(f"kernel_shape {list(kernel_shape)} disagrees with the weight's shape {list(w_shape)}")
-    strides = _ints(node.attrs.get("strides", [1] * rank), rank, "strides")
-    dilations = _ints(node.attrs.get("dilations", [1] * rank), rank, "dilations")
+    strides = positive_ints(node.attrs.get("strides", [1] * rank), rank, "strides")
+    dilations = positive_ints(node.attrs.get("dilations", [1] * rank), rank, "dilations")
     output_padding = non_negative_ints(node.attrs.get("output_padding", [0] * rank), rank, "output_padding")
-    auto_pad = _text(node.attrs.get("auto_pad", "NOTSET"))
+    auto_pad = attr_text(node.attrs.get("auto_pad", "NOTSET"))
     if auto_pad not in AUTO_PADS:
         raise NotLowerable(f"auto_pad={auto_pad!r} is not one of {', '.join(AUTO_PADS)}")
     if "pads" in node.attrs and auto_pad != "NOTSET":
