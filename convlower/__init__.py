@@ -5,6 +5,7 @@ Public API: `optimize`, `verify`, `lower`, `bench`, `inspect_model`, and `convlo
 
 from .bench import bench
 from .errors import ConvlowerError, UsageError, VerificationError
+from .export import export
 from .inspect import inspect_model
 from .lower import lower
 from .optimize import OptimizeResult, optimize
@@ -12,4 +13,4 @@ from .verify import verify
 
 __version__ = "0.1.0"
 
-__all__ = ["ConvlowerError", "UsageError", "VerificationError", "bench", "inspect_model", "lower", "optimize", "OptimizeResult", "verify"]
+__all__ = ["ConvlowerError", "UsageError", "VerificationError", "bench", "export", "inspect_model", "lower", "optimize", "OptimizeResult", "verify"]

@@ -14,6 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from convlower.passes import RECOGNIZERS, Builder, NotLowerable, OpFamily, family_for
+from convlower.passes.local_functions import attach_functions
 
 from .errors import VerificationError
 from .modelio import default_opset, runtime_compatible
@@ -101,6 +102,7 @@ def finish(original: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
     graph.functions = [f for f in graph.functions if (f.domain, f.name) in used_functions]
     model = gs.export_onnx(graph, do_type_check=False, opset_imports=list(original.opset_import))
     model.ir_version = original.ir_version
+    attach_functions(model)
     model.producer_name = original.producer_name
     model.producer_version = original.producer_version
     model.domain = original.domain

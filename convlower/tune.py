@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 
 from convlower.passes import Builder, Variant, spec_key
 from convlower.passes.base import constant_value
+from convlower.passes.local_functions import attach_functions
 
 from .errors import UsageError
 from .runner import Runner, TimingPolicy, time_interleaved
@@ -90,8 +91,7 @@ def micro_model(
     used = {(n.domain, n.op) for n in graph.nodes}
     graph.functions = [f for f in functions if (f.domain, f.name) in used]
     graph.cleanup().toposort()
-    model = gs.export_onnx(graph, do_type_check=False, opset_imports=list(opset_imports))
-    return model
+    return attach_functions(gs.export_onnx(graph, do_type_check=False, opset_imports=list(opset_imports)))
 
 
 def micro_feeds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:

@@ -60,3 +60,4 @@ __all__ = [
 
 from . import conv  # noqa: E402,F401  (registers Conv)
 from . import col2im, conv_transpose  # noqa: E402,F401
+from . import dynamic_filter, unfold  # noqa: E402,F401  (registers DynamicFilter, Unfold and their recognizers)

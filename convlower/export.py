@@ -1,0 +1,107 @@
+"""`convlower.export`: torch.onnx.export with convlower's ops in place, returning a runnable model.
+
+The model it returns carries, for each `convlower.DynamicFilter` node, the model-local function
+that onnxruntime runs, at an IR version the installed onnxruntime reads. torch is imported only
+when `export` is called: it is an optional extra of convlower.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+import warnings
+from typing import Any, Sequence
+
+import onnx
+
+from convlower.passes.local_functions import DOMAIN, DOMAIN_VERSION, attach_functions
+
+from .modelio import runtime_compatible, save_model
+
+BATCH_DIM = "batch"
+
+
+def export(
+    module: Any,
+    example_inputs: Any,
+    path: str | os.PathLike | None = None,
+    *,
+    dynamo: bool = True,
+    opset: int = 18,
+    dynamic_batch: bool = False,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    **export_kwargs: Any,
+) -> onnx.ModelProto:
+    """Export a torch module to ONNX; `convlower.ops.dynamic_filter` becomes `convlower.DynamicFilter`.
+
+    example_inputs: one tensor or a tuple of positional inputs. dynamo picks the exporter: the
+    dynamo one (torch.export; opset 18 and newer) or the TorchScript one (`dynamo=False`).
+    dynamic_batch makes axis 0 of every input and output a symbolic `batch` dim (use an example
+    batch larger than 1 with the dynamo exporter). Inputs are named after `forward`'s parameters
+    unless `input_names` says otherwise. Other keyword arguments go to torch.onnx.export. The
+    model is also written to `path` when one is given.
+    """
+    import torch
+
+    from . import ops  # noqa: F401 - registers the op's symbolic for the TorchScript exporter
+
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    names = list(input_names) if input_names is not None else _parameter_names(module, len(args))
+    if dynamo:
+        batch = torch.export.Dim(BATCH_DIM)
+        with warnings.catch_warnings():  # torch warns when several inputs share the one batch dim
+            warnings.filterwarnings("ignore", message=f"# The axis name: {BATCH_DIM} will not be used")
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                input_names=names,
+                output_names=output_names,
+                dynamic_shapes=tuple({0: batch} for _ in args) if dynamic_batch else None,
+                **export_kwargs,
+            )
+        model = program.model_proto
+    else:
+        buffer = io.BytesIO()
+        if dynamic_batch and output_names is None:
+            output_names = _output_names(module, args)
+        torch.onnx.export(
+            module,
+            args,
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=names,
+            output_names=output_names,
+            dynamic_axes={name: {0: BATCH_DIM} for name in [*names, *(output_names or [])]} if dynamic_batch else None,
+            custom_opsets={DOMAIN: DOMAIN_VERSION},
+            **export_kwargs,
+        )
+        model = onnx.load_from_string(buffer.getvalue())
+    runtime_compatible(attach_functions(model))
+    if path is not None:
+        save_model(model, path)
+    return model
+
+
+def _parameter_names(module: Any, count: int) -> list[str]:
+    """The names of `forward`'s first positional parameters, so both exporters name inputs alike."""
+    parameters = [
+        p.name
+        for p in inspect.signature(module.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return parameters[:count] if len(parameters) >= count else [f"input_{i}" for i in range(count)]
+
+
+def _output_names(module: Any, args: tuple) -> list[str]:
+    """Names for the module's outputs (the TorchScript exporter needs them to make axes dynamic)."""
+    import torch
+
+    with torch.inference_mode():
+        outputs = module(*args)
+    count = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]

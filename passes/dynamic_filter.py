@@ -1,0 +1,431 @@
+"""`convlower.DynamicFilter`: spatially variant filtering, and its lowerings to standard ONNX ops.
+
+Filters that change per output position (kernel prediction networks, dynamic filter networks,
+involution, CARAFE) compute, with `K = prod(kernel_shape)` taps in row-major order:
+
+    Y[n, c, p] = sum_k Xpad[n, c, p * strides + k * dilations] * F[n, c // (C / G), k, p]
+
+for X `[N, C, *S]`, F `[N, G, K, *S_out]` and Y `[N, C, *S_out]`. Written as unfold + einsum
+(seed 000, method_1) onnxruntime spends most of its time gathering the unfolded copy; shift-sum
+(method_2) multiplies each of the K shifted views by its filter plane and adds them, an order of
+magnitude faster. The variants here are those formulations; `shift_sum` is also the body of the
+op's model-local function, since it runs for any shape.
+
+The building blocks (padding, shifted slices, gathered windows, identity-kernel Conv) are shared
+with the Unfold family in `unfold.py`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from . import register
+from .base import Builder, Dim, NotLowerable, OpFamily, SimpleVariant, float_dtype, spec_key, static_shape
+from .local_functions import DOMAIN, CanonicalOp, register_canonical_op
+
+OP_TYPE = "DynamicFilter"
+SLICE_TO_END = np.iinfo(np.int64).max
+SPATIAL_LETTERS = "hwdvuts"
+"""Einsum letters for spatial axes; the other letters of the equations never clash with these."""
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """Where a kernel sits on the input, with ONNX Conv conventions and every default resolved."""
+
+    kernel_shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]
+    """ONNX order: the begin pad of every spatial axis, then the end pads."""
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> "SlidingWindow":
+        """Read node attributes; raises ValueError naming what is missing or wrong."""
+        if "kernel_shape" not in attrs:
+            raise ValueError("kernel_shape is required")
+        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            raise ValueError("auto_pad is not supported; give explicit pads")
+        kernel = tuple(int(k) for k in attrs["kernel_shape"])
+        rank = len(kernel)
+        window = cls(
+            kernel,
+            tuple(int(s) for s in attrs.get("strides", [1] * rank)),
+            tuple(int(d) for d in attrs.get("dilations", [1] * rank)),
+            tuple(int(p) for p in attrs.get("pads", [0] * 2 * rank)),
+        )
+        window.validate()
+        return window
+
+    def validate(self) -> None:
+        rank = self.rank
+        if rank < 1:
+            raise ValueError("kernel_shape is empty")
+        if len(self.strides) != rank or len(self.dilations) != rank or len(self.pads) != 2 * rank:
+            raise ValueError(
+                f"kernel_shape has {rank} axes but strides, dilations, pads have "
+                f"{len(self.strides)}, {len(self.dilations)}, {len(self.pads)} values"
+            )
+        if min(self.kernel_shape + self.strides + self.dilations) < 1 or min(self.pads) < 0:
+            raise ValueError("kernel_shape, strides and dilations must be positive and pads non-negative")
+
+    @property
+    def rank(self) -> int:
+        return len(self.kernel_shape)
+
+    @property
+    def taps(self) -> int:
+        """K: the number of kernel offsets."""
+        return math.prod(self.kernel_shape)
+
+    def offsets(self) -> list[tuple[int, ...]]:
+        """Every kernel offset, row-major (the order of F's tap axis and of F.unfold's rows)."""
+        return list(itertools.product(*(range(k) for k in self.kernel_shape)))
+
+    def output_size(self, in_spatial: Sequence[Dim]) -> tuple[Dim, ...]:
+        """Output extent per spatial axis (ONNX Conv formula); None where the input's is unknown."""
+        return tuple(
+            None if size is None else (size + self.pads[i] + self.pads[i + self.rank] - self.reach(i)) // self.strides[i] + 1
+            for i, size in enumerate(in_spatial)
+        )
+
+    def reach(self, axis: int) -> int:
+        """How many input positions one kernel spans along a spatial axis, dilation included."""
+        return (self.kernel_shape[axis] - 1) * self.dilations[axis] + 1
+
+    def attrs(self) -> dict[str, list[int]]:
+        return {
+            "kernel_shape": list(self.kernel_shape),
+            "strides": list(self.strides),
+            "dilations": list(self.dilations),
+            "pads": list(self.pads),
+        }
+
+    def overload(self) -> str:
+        """A readable name of this window, used as the function overload: equal names, equal bodies."""
+        def join(values: Sequence[int]) -> str:
+            return "x".join(map(str, values))
+
+        return f"k{join(self.kernel_shape)}_s{join(self.strides)}_d{join(self.dilations)}_p{join(self.pads)}"
+
+
+def resolved_attrs(attrs: Mapping[str, Any]) -> dict[str, list[int]]:
+    return SlidingWindow.from_attrs(attrs).attrs()
+
+
+def overload_name(attrs: Mapping[str, Any]) -> str:
+    return SlidingWindow.from_attrs(attrs).overload()
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """A node that slides a window over X `[N, C, *S]` (DynamicFilter, Unfold); dims None where
+    symbolic. The function bodies are built from a spec with only the window known."""
+
+    op: str
+    dtype: str | None
+    batch: Dim
+    channels: Dim
+    in_spatial: tuple[Dim, ...]
+    out_spatial: tuple[Dim, ...]
+    window: SlidingWindow
+
+    def key(self) -> str:
+        return spec_key(self)
+
+
+def window_spec_fields(node: gs.Node) -> dict[str, Any]:
+    """The WindowSpec fields of a node: attributes resolved, X's shape and dtype read.
+    Raises NotLowerable with the reason the node cannot be described."""
+    try:
+        window = SlidingWindow.from_attrs(node.attrs)
+    except ValueError as exc:
+        raise NotLowerable(f"{node.op} attributes: {exc}") from exc
+    shape = static_shape(node.inputs[0])
+    if shape is None or len(shape) != window.rank + 2:
+        raise NotLowerable(f"X must have rank {window.rank + 2} for a {window.rank}-D kernel; its shape is {shape}")
+    out_spatial = window.output_size(shape[2:])
+    if any(o is not None and o < 1 for o in out_spatial):
+        raise NotLowerable(f"the kernel does not fit the padded input: output extent {list(out_spatial)}")
+    return dict(
+        op=node.op,
+        dtype=float_dtype(node.inputs[0]),
+        batch=shape[0],
+        channels=shape[1],
+        in_spatial=shape[2:],
+        out_spatial=out_spatial,
+        window=window,
+    )
+
+
+def unknown_dims(window: SlidingWindow) -> dict[str, Any]:
+    """WindowSpec fields with only the window known: what a function body is built for."""
+    rank = window.rank
+    return dict(dtype=None, batch=None, channels=None, in_spatial=(None,) * rank, out_spatial=(None,) * rank, window=window)
+
+
+@dataclass(frozen=True)
+class DynamicFilterSpec(WindowSpec):
+    """One DynamicFilter node: G filter groups over X's channels."""
+
+    groups: Dim
+
+    @property
+    def group_channels(self) -> Dim:
+        """C / G: channels sharing one filter plane."""
+        return None if self.channels is None or self.groups is None else self.channels // self.groups
+
+    def static(self) -> bool:
+        """Channels, groups and spatial extents known: what constant-shaped lowerings need."""
+        dims = (self.channels, self.groups, *self.in_spatial, *self.out_spatial)
+        return all(d is not None for d in dims)
+
+
+def make_spec(node: gs.Node, opset: int) -> DynamicFilterSpec:
+    """Read a DynamicFilter node; raises NotLowerable with the reason it cannot be described."""
+    if len(node.inputs) != 2:
+        raise NotLowerable(f"DynamicFilter takes 2 inputs (X, F), this node has {len(node.inputs)}")
+    fields = window_spec_fields(node)
+    window, channels, out_spatial = fields["window"], fields["channels"], fields["out_spatial"]
+    f_shape = static_shape(node.inputs[1])
+    if f_shape is None or len(f_shape) != window.rank + 3:
+        raise NotLowerable(f"F must have rank {window.rank + 3} ([N, G, K, *S_out]); its shape is {f_shape}")
+    groups, taps = f_shape[1], f_shape[2]
+    if taps is not None and taps != window.taps:
+        raise NotLowerable(f"F has {taps} taps on axis 2, kernel_shape {list(window.kernel_shape)} has {window.taps}")
+    if channels is not None and groups is not None and channels % groups:
+        raise NotLowerable(f"C={channels} is not a multiple of the filter groups G={groups}")
+    if any(o is not None and f is not None and o != f for o, f in zip(out_spatial, f_shape[3:])):
+        raise NotLowerable(f"F's spatial extent {list(f_shape[3:])} is not the output extent {list(out_spatial)}")
+    fields["out_spatial"] = tuple(o if o is not None else f for o, f in zip(out_spatial, f_shape[3:]))
+    return DynamicFilterSpec(**fields, groups=groups)
+
+
+def generic_spec(window: SlidingWindow) -> DynamicFilterSpec:
+    """The spec of the function body: only the window is known."""
+    return DynamicFilterSpec(op=OP_TYPE, **unknown_dims(window), groups=None)
+
+
+# --- building blocks, shared with unfold.py -------------------------------------------------------
+
+
+def shape_vector(b: Builder, parts: Sequence[int | gs.Tensor]) -> gs.Tensor:
+    """A 1-D int64 shape from ints and 1-D int64 tensors (read off Shape): a constant when all are ints."""
+    pieces: list[gs.Tensor] = []
+    run: list[int] = []
+    for part in parts:
+        if isinstance(part, gs.Tensor):
+            if run:
+                pieces.append(b.ints(run))
+                run = []
+            pieces.append(part)
+        else:
+            run.append(int(part))
+    if run:
+        pieces.append(b.ints(run))
+    return b.concat(pieces, axis=0)
+
+
+def dims_or_shape(b: Builder, dims: Sequence[Dim], tensor: gs.Tensor, start: int) -> list[int | gs.Tensor]:
+    """`dims` when all are known, else the matching slice of `tensor`'s runtime shape from `start` on."""
+    if all(d is not None for d in dims):
+        return [int(d) for d in dims]  # type: ignore[arg-type]
+    return [b.shape(tensor, start)]
+
+
+def pad_spatial(b: Builder, x: gs.Tensor, window: SlidingWindow, leading_axes: int) -> gs.Tensor:
+    """Zero-pad the trailing spatial axes of a tensor with `leading_axes` axes before them."""
+    r = window.rank
+    return b.pad(x, [0] * leading_axes + list(window.pads[:r]) + [0] * leading_axes + list(window.pads[r:]))
+
+
+def shifted_windows(b: Builder, padded: gs.Tensor, window: SlidingWindow, first_axis: int) -> list[gs.Tensor]:
+    """One strided slice of the padded input per kernel tap: what that tap multiplies, at every output.
+
+    Each slice ends a fixed distance before the input's end, so the slices need no shapes and the
+    graph stays valid for any input size.
+    """
+    r = window.rank
+    axes = list(range(first_axis, first_axis + r))
+    taps = []
+    for offset in window.offsets():
+        starts = [o * d for o, d in zip(offset, window.dilations)]
+        ends = [
+            -(k - 1 - o) * d if k - 1 - o else SLICE_TO_END
+            for o, k, d in zip(offset, window.kernel_shape, window.dilations)
+        ]
+        taps.append(b.slice(padded, starts, ends, axes, window.strides))
+    return taps
+
+
+def stacked_windows(b: Builder, padded: gs.Tensor, window: SlidingWindow, first_axis: int) -> gs.Tensor:
+    """The unfolded input `[..., K, *S_out]`: the shifted windows stacked on a new tap axis."""
+    taps = [b.unsqueeze(tap, [first_axis]) for tap in shifted_windows(b, padded, window, first_axis)]
+    return b.concat(taps, axis=first_axis)
+
+
+def gathered_windows(
+    b: Builder, padded: gs.Tensor, window: SlidingWindow, out_spatial: Sequence[int], first_axis: int
+) -> gs.Tensor:
+    """The unfolded input `[..., K_1, .., K_r, S_1, .., S_r]` by one Gather per spatial axis,
+    the way torch exports F.unfold: index `[k, p] = k * dilation + p * stride`."""
+    r = window.rank
+    gathered = padded
+    for i in range(r):
+        index = (
+            np.arange(window.kernel_shape[i])[:, None] * window.dilations[i]
+            + np.arange(out_spatial[i])[None, :] * window.strides[i]
+        )
+        gathered = b.op("Gather", [gathered, index.astype(np.int64)], {"axis": first_axis + 2 * i})
+    if r == 1:
+        return gathered
+    leading = list(range(first_axis))
+    perm = leading + [first_axis + 2 * i for i in range(r)] + [first_axis + 2 * i + 1 for i in range(r)]
+    return b.transpose(gathered, perm)
+
+
+def identity_kernel(window: SlidingWindow, channels: int, dtype: np.dtype) -> np.ndarray:
+    """Conv weights `[C*K, 1, *kernel]` that copy tap k of channel c to output channel c*K + k."""
+    taps = np.eye(window.taps, dtype=dtype).reshape(window.taps, 1, *window.kernel_shape)
+    return np.tile(taps, (channels, 1) + (1,) * window.rank)
+
+
+def conv_windows(b: Builder, x: gs.Tensor, window: SlidingWindow, channels: int) -> gs.Tensor:
+    """The unfolded input `[N, C*K, *S_out]` by a grouped Conv with an identity kernel."""
+    weights = b.const(identity_kernel(window, channels, b.dtype), "identity_kernel")
+    return b.op("Conv", [x, weights], {"group": channels, **window.attrs()})
+
+
+# --- variants ---------------------------------------------------------------------------------------
+
+
+def _need_static(spec: DynamicFilterSpec) -> str | None:
+    if not spec.static():
+        return "needs static channels, groups and spatial extents"
+    return None
+
+
+def _grouped(b: Builder, spec: DynamicFilterSpec, x: gs.Tensor, f: gs.Tensor) -> gs.Tensor:
+    """X as `[N, G, C/G, *S]`, so that F's `[N, G, 1, *S_out]` planes broadcast over each group."""
+    if spec.groups == 1:
+        return b.unsqueeze(x, [1])
+    groups: int | gs.Tensor = spec.groups if spec.groups is not None else b.shape(f, 1, 2)
+    group_channels = spec.group_channels if spec.group_channels is not None else -1
+    spatial = dims_or_shape(b, spec.in_spatial, x, 2)
+    return b.reshape(x, shape_vector(b, [0, groups, group_channels, *spatial]))
+
+
+def _ungrouped(b: Builder, spec: DynamicFilterSpec, y: gs.Tensor, out: gs.Variable) -> None:
+    """`[N, G, C/G, *S_out]` back to `[N, C, *S_out]`, written to the node's output."""
+    if spec.groups == 1:
+        b.squeeze(y, [1], out=out)
+        return
+    spatial = dims_or_shape(b, spec.out_spatial, y, 3)
+    b.reshape(y, shape_vector(b, [0, -1, *spatial]), out=out)
+
+
+def build_shift_sum(b: Builder, spec: DynamicFilterSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
+    """Seed 000 method_2: Pad, then for each tap a strided Slice times that tap's filter plane, summed."""
+    x, f = inputs
+    padded = pad_spatial(b, _grouped(b, spec, x, f), spec.window, leading_axes=3)
+    products = [
+        b.mul(tap, b.slice(f, [k], [k + 1], [2]))
+        for k, tap in enumerate(shifted_windows(b, padded, spec.window, first_axis=3))
+    ]
+    _ungrouped(b, spec, b.sum(products), outputs[0])
+
+
+def _unfolded_sum(
+    b: Builder, spec: DynamicFilterSpec, columns: gs.Tensor, f: gs.Tensor, out: gs.Variable, *, einsum: bool
+) -> None:
+    """Given the unfolded input `[N, C, K..., *S_out]` (any grouping of C and K axes), weight it by F
+    and sum the taps: one Einsum, or a broadcast Mul and a ReduceSum."""
+    groups, group_channels = int(spec.groups), int(spec.group_channels)  # type: ignore[arg-type]
+    out_spatial = [int(s) for s in spec.out_spatial]  # type: ignore[arg-type]
+    columns = b.reshape(columns, [0, groups, group_channels, spec.window.taps, *out_spatial])
+    if einsum:
+        s = SPATIAL_LETTERS[: spec.window.rank]
+        weighted = b.einsum(f"ngck{s},ngk{s}->ngc{s}", [columns, f])
+    else:
+        weighted = b.reduce_sum(b.mul(columns, b.unsqueeze(f, [2])), [3])
+    _ungrouped(b, spec, weighted, out)
+
+
+def build_unfold_einsum(
+    b: Builder, spec: DynamicFilterSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]
+) -> None:
+    """Seed 000 method_1, as torch exports it: unfold by Pad + Gather per axis, then one Einsum."""
+    x, f = inputs
+    padded = pad_spatial(b, x, spec.window, leading_axes=2)
+    columns = gathered_windows(b, padded, spec.window, spec.out_spatial, first_axis=2)  # type: ignore[arg-type]
+    _unfolded_sum(b, spec, columns, f, outputs[0], einsum=True)
+
+
+def build_conv_unfold(
+    b: Builder, spec: DynamicFilterSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]
+) -> None:
+    """Unfold by an identity-kernel grouped Conv (onnxruntime's fast im2col), then Mul + ReduceSum."""
+    x, f = inputs
+    columns = conv_windows(b, x, spec.window, int(spec.channels))  # type: ignore[arg-type]
+    _unfolded_sum(b, spec, columns, f, outputs[0], einsum=False)
+
+
+def build_concat_shifts(
+    b: Builder, spec: DynamicFilterSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]
+) -> None:
+    """Unfold by Concat of the shifted slices (one copy, no index tensors), then Mul + ReduceSum."""
+    x, f = inputs
+    columns = stacked_windows(b, pad_spatial(b, x, spec.window, leading_axes=2), spec.window, first_axis=2)
+    _unfolded_sum(b, spec, columns, f, outputs[0], einsum=False)
+
+
+def build_nhwc_shift_sum(
+    b: Builder, spec: DynamicFilterSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]
+) -> None:
+    """shift_sum in channels-last layout: X `[N, *S, G, C/G]` and F `[K, N, *S_out, G, 1]`, so each
+    tap's filter plane is one contiguous block and the channels it scales are innermost."""
+    x, f = inputs
+    r = spec.window.rank
+    spatial = list(range(3, 3 + r))
+    grouped = b.reshape(x, [0, int(spec.groups), int(spec.group_channels), *spec.in_spatial])  # type: ignore[arg-type]
+    channels_last = b.transpose(grouped, [0, *spatial, 1, 2])
+    padded = b.pad(channels_last, [0, *spec.window.pads[:r], 0, 0, 0, *spec.window.pads[r:], 0, 0])
+    planes = b.transpose(b.unsqueeze(f, [3]), [2, 0, *(a + 1 for a in spatial), 1, 3])
+    products = [
+        b.mul(tap, b.squeeze(b.slice(planes, [k], [k + 1], [0]), [0]))
+        for k, tap in enumerate(shifted_windows(b, padded, spec.window, first_axis=1))
+    ]
+    channels_first = b.transpose(b.sum(products), [0, r + 1, r + 2, *range(1, r + 1)])
+    b.reshape(channels_first, [0, int(spec.channels), *spec.out_spatial], out=outputs[0])  # type: ignore[arg-type]
+
+
+def _conv_unfold_why_not(spec: DynamicFilterSpec) -> str | None:
+    if spec.dtype != "float32":
+        return f"onnxruntime's CPU Conv runs float32 only, not {spec.dtype}"
+    return _need_static(spec)
+
+
+VARIANTS = (
+    SimpleVariant("shift_sum", lambda spec: None, build_shift_sum, "Pad, then Slice * filter plane per tap, summed"),
+    SimpleVariant("unfold_einsum", _need_static, build_unfold_einsum, "Gather unfold + Einsum (seed 000 method_1)"),
+    SimpleVariant("conv_unfold", _conv_unfold_why_not, build_conv_unfold, "identity-kernel Conv unfold, Mul, ReduceSum"),
+    SimpleVariant("concat_shifts", _need_static, build_concat_shifts, "Concat of shifted slices, Mul, ReduceSum"),
+    SimpleVariant("nhwc_shift_sum", _need_static, build_nhwc_shift_sum, "shift_sum in channels-last layout"),
+)
+
+
+def build_reference_body(
+    b: Builder, attrs: Mapping[str, Any], inputs: Sequence[gs.Variable], outputs: Sequence[gs.Variable]
+) -> None:
+    """The model-local function body: shift_sum with no shape known, so it runs for any input."""
+    build_shift_sum(b, generic_spec(SlidingWindow.from_attrs(attrs)), inputs, outputs)
+
+
+FAMILY = register(OpFamily(OP_TYPE, DOMAIN, make_spec, VARIANTS))
+CANONICAL = register_canonical_op(CanonicalOp(OP_TYPE, ("X", "F"), resolved_attrs, overload_name, build_reference_body))

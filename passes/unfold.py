@@ -1,0 +1,549 @@
+"""The exported F.unfold idioms: recognizing them, and the `convlower.Unfold` family.
+
+Both torch exporters (dynamo and TorchScript, opset 17+) write `F.unfold(x, k, dilation, padding,
+stride)` as
+
+    Pad(x) -> Gather(axis=2, index[kh, ho]) -> Gather(axis=4, index[kw, wo]) -> Transpose(0,1,2,4,3,5)
+
+with `index[k, p] = k * dilation + p * stride`, giving T `[N, C, Kh, Kw, Ho, Wo]`; one Reshape or
+more then make the `[N, C*K, L]` of F.unfold or the user's view of it. The dynamo exporter stores
+the indices as initializers; the TorchScript one computes them from `Shape(x)` with Range and Add,
+so indices are read by folding that arithmetic (spatial extents must be static).
+
+Two recognizers run, in order:
+
+1. `recognize_dynamic_filters`: a view of T weighted by filters and summed over exactly the kernel
+   axes -- `einsum('nckhw,nkhw->nchw', ...)` (seed 000, method_1) or `(cols * f).sum(dim)` (kernel
+   prediction networks, involution) -- becomes one `convlower.DynamicFilter` node, with the filters
+   transposed and reshaped to the canonical `[N, G, K, *S_out]`.
+2. `recognize_unfolds`: an unfold still used otherwise becomes a `convlower.Unfold` node
+   (output `[N, C*K, L]`, as F.unfold), whose variants are `gather` (as exported), `slice_concat`
+   and `conv_unfold`.
+
+Anything that differs -- a non-zero or non-constant pad, indices of another pattern, a sum over other
+axes, another reduction, filters broadcast over the batch -- is left as it is. F.fold needs no
+recognizer: both exporters already write it as the standard Col2Im.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnx.reference import ReferenceEvaluator
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from . import register, register_recognizer
+from .base import Builder, Dim, OpFamily, SimpleVariant, attr_text, constant_value, static_shape
+from .dynamic_filter import (
+    OP_TYPE as DYNAMIC_FILTER,
+    SlidingWindow,
+    WindowSpec,
+    conv_windows,
+    gathered_windows,
+    overload_name,
+    pad_spatial,
+    resolved_attrs,
+    shape_vector,
+    stacked_windows,
+    unknown_dims,
+    window_spec_fields,
+)
+from .local_functions import DOMAIN, CanonicalOp, add_function, register_canonical_op
+
+OP_TYPE = "Unfold"
+UNFOLD_PERM = [0, 1, 2, 4, 3, 5]
+
+# --- values known at rewrite time -------------------------------------------------------------------
+
+SHAPE_ARITHMETIC = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Neg", "Range", "Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Gather", "Slice", "Identity"}
+)
+"""Ops the TorchScript exporter uses to compute unfold indices from shapes; folded with onnx.reference."""
+MAX_FOLDED_RANGE = 1 << 20
+"""The longest Range folded: index arithmetic is as long as a spatial axis, never more."""
+
+
+def folded_value(tensor: gs.Tensor, opset: int, depth: int = 16) -> np.ndarray | None:
+    """The value of a tensor computed only from constants and static dims, else None.
+
+    Covers initializers, Constant nodes, `Shape` (and `Gather` of a `Shape`) where the dims read are
+    static, and small integer arithmetic on those.
+    """
+    value = constant_value(tensor)
+    if value is not None or depth == 0 or len(tensor.inputs) != 1:
+        return value
+    node = tensor.inputs[0]
+    if node.op == "Shape":
+        dims = _shape_dims(node)
+        return None if dims is None or None in dims else np.asarray(dims, dtype=np.int64)
+    if node.op == "Gather" and node.inputs[0].inputs and node.inputs[0].inputs[0].op == "Shape":
+        dims, index = _shape_dims(node.inputs[0].inputs[0]), folded_value(node.inputs[1], opset, depth - 1)
+        if dims is None or index is None:
+            return None
+        picked = np.asarray(np.asarray(dims, dtype=object)[index])
+        return None if any(d is None for d in np.ravel(picked)) else picked.astype(np.int64)
+    if node.op not in SHAPE_ARITHMETIC or (node.domain or "") not in ("", "ai.onnx"):
+        return None
+    inputs = [folded_value(t, opset, depth - 1) if t.name else np.empty(0) for t in node.inputs]
+    if any(v is None for v in inputs):
+        return None
+    if node.op == "Range" and abs(float((inputs[1] - inputs[0]) / inputs[2])) > MAX_FOLDED_RANGE:
+        return None
+    values = {t.name: v for t, v in zip(node.inputs, inputs) if t.name}
+    try:
+        return ReferenceEvaluator(OnnxExporter.export_node(node), opsets={"": opset}).run(None, values)[0]
+    except Exception:  # noqa: BLE001 - onnx.reference raises many kinds; an unfoldable value is just unknown
+        return None
+
+
+def _shape_dims(shape_node: gs.Node) -> list[Dim] | None:
+    """What a Shape node reads (start/end applied): ints where static, None where not."""
+    dims = static_shape(shape_node.inputs[0])
+    if dims is None:
+        return None
+    start, end = shape_node.attrs.get("start", 0), shape_node.attrs.get("end", len(dims))
+    return list(dims[start:end])
+
+
+def _same_dim(a: int | str | None, b: int | str | None) -> bool:
+    """Equal static dims, or the same named symbolic dim."""
+    return a is not None and a == b
+
+
+# --- the exported F.unfold ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnfoldMatch:
+    """One exported F.unfold: its input, window, and T `[N, C, Kh, Kw, Ho, Wo]` (the Transpose output)."""
+
+    source: gs.Tensor
+    window: SlidingWindow
+    columns: gs.Tensor
+    batch: int | str | None
+    channels: int
+    out_spatial: tuple[int, int]
+
+    @property
+    def axes(self) -> list[tuple[str, int]]:
+        """T's axes after the batch axis, each with its kind: channel, kernel tap or spatial."""
+        (kh, kw), (ho, wo) = self.window.kernel_shape, self.out_spatial
+        return [("c", self.channels), ("k", kh), ("k", kw), ("s", ho), ("s", wo)]
+
+
+def match_unfold(transpose: gs.Node, opset: int) -> UnfoldMatch | None:
+    """The F.unfold ending at this Transpose, or None when any part differs from the exported form."""
+    if transpose.op != "Transpose" or list(transpose.attrs.get("perm", [])) != UNFOLD_PERM:
+        return None
+    gather_w = _producer(transpose.inputs[0], "Gather")
+    gather_h = _producer(gather_w.inputs[0], "Gather") if gather_w else None
+    if gather_w is None or gather_h is None or _axis(gather_h, 4) != 2 or _axis(gather_w, 5) != 4:
+        return None
+    pad = _producer(gather_h.inputs[0], "Pad")
+    source, pads = (gather_h.inputs[0], [0] * 8) if pad is None else (pad.inputs[0], _zero_pads(pad, opset))
+    shape = static_shape(source)
+    if pads is None or shape is None or len(shape) != 4 or any(d is None for d in shape[1:]) or any(pads[i] for i in (0, 1, 4, 5)):
+        return None
+    spatial_pads = (pads[2], pads[3], pads[6], pads[7])
+    axes = []
+    for axis, gather in enumerate((gather_h, gather_w)):
+        index = folded_value(gather.inputs[1], opset)
+        padded = shape[2 + axis] + spatial_pads[axis] + spatial_pads[axis + 2]  # type: ignore[operator]
+        found = _window_axis(index, padded)
+        if found is None:
+            return None
+        axes.append(found)
+    (kh, sh, dh, ho), (kw, sw, dw, wo) = axes
+    window = SlidingWindow((kh, kw), (sh, sw), (dh, dw), spatial_pads)
+    return UnfoldMatch(source, window, transpose.outputs[0], source.shape[0], int(shape[1]), (ho, wo))  # type: ignore[arg-type]
+
+
+def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == op:
+        return tensor.inputs[0]
+    return None
+
+
+def _axis(gather: gs.Node, rank: int) -> int:
+    axis = int(gather.attrs.get("axis", 0))
+    return axis + rank if axis < 0 else axis
+
+
+def _zero_pads(pad: gs.Node, opset: int) -> list[int] | None:
+    """The pads of a constant-mode Pad that pads with zeros over all 4 axes; None for any other Pad."""
+    if attr_text(pad.attrs.get("mode", "constant")) != "constant":
+        return None
+    if len(pad.inputs) > 3 and pad.inputs[3].name:
+        return None
+    if len(pad.inputs) > 2 and pad.inputs[2].name:
+        fill = constant_value(pad.inputs[2])
+        if fill is None or np.any(fill != 0):
+            return None
+    pads = folded_value(pad.inputs[1], opset)
+    if pads is None or pads.shape != (8,) or np.any(pads < 0):
+        return None
+    return [int(p) for p in pads]
+
+
+def _window_axis(index: np.ndarray | None, padded: int) -> tuple[int, int, int, int] | None:
+    """(kernel, stride, dilation, out) of one axis whose Gather index is `k * dilation + p * stride`
+    and covers exactly the Conv output extent of `padded` input positions; None otherwise."""
+    if index is None or index.ndim != 2 or min(index.shape) < 1 or index[0, 0] != 0:
+        return None
+    kernel, out = index.shape
+    dilation = int(index[1, 0]) if kernel > 1 else 1
+    reach = (kernel - 1) * dilation + 1
+    stride = int(index[0, 1]) if out > 1 else max(1, padded - reach + 1)
+    if dilation < 1 or stride < 1 or (padded - reach) // stride + 1 != out:
+        return None
+    expected = np.arange(kernel)[:, None] * dilation + np.arange(out)[None, :] * stride
+    return (kernel, stride, dilation, out) if np.array_equal(index, expected) else None
+
+
+def find_unfolds(graph: gs.Graph, opset: int) -> list[UnfoldMatch]:
+    return [m for m in (match_unfold(n, opset) for n in graph.nodes if n.op == "Transpose") if m is not None]
+
+
+# --- views of T and the dynamic-filter idiom ---------------------------------------------------------
+
+
+def _views(columns: gs.Tensor) -> list[gs.Tensor]:
+    """T and every tensor reached from it through Reshape nodes only."""
+    found, frontier = [columns], [columns]
+    while frontier:
+        tensor = frontier.pop()
+        for node in tensor.outputs:
+            if node.op == "Reshape" and node.inputs[0] is tensor:
+                found.append(node.outputs[0])
+                frontier.append(node.outputs[0])
+    return found
+
+
+def axis_kinds(match: UnfoldMatch, view: gs.Tensor) -> list[str] | None:
+    """The kind of each axis of a view of T: "n" (batch), "c", "c_outer"/"c_inner" (channels split
+    in two, as grouped layers do), "k", "s", or "unit" (size 1); None when an axis mixes kinds or
+    splits anything but the channels, or the view's shape is not known well enough."""
+    shape = view.shape
+    if shape is None or len(shape) < 2 or not _same_dim(shape[0], match.batch):
+        return None
+    dims = list(shape[1:])
+    if any(not isinstance(d, int) for d in dims):
+        return None
+    axes = [(kind, size) for kind, size in match.axes if size != 1]
+    kinds = ["n"] + ["unit" if d == 1 else "" for d in dims]
+    sized = [j + 1 for j, d in enumerate(dims) if d != 1]
+    i = j = 0
+    while i < len(axes) and j < len(sized):
+        size = shape[sized[j]]
+        kind, extent = axes[i]
+        if extent == size:
+            kinds[sized[j]] = kind
+            i, j = i + 1, j + 1
+        elif extent < size:
+            merged = {kind}
+            while extent < size and i + 1 < len(axes):
+                i += 1
+                extent *= axes[i][1]
+                merged.add(axes[i][0])
+            if extent != size or len(merged) > 1:
+                return None
+            kinds[sized[j]] = kind
+            i, j = i + 1, j + 1
+        else:
+            if kind != "c" or j + 1 >= len(sized) or size * shape[sized[j + 1]] != extent:
+                return None
+            kinds[sized[j]], kinds[sized[j + 1]] = "c_outer", "c_inner"
+            i, j = i + 1, j + 2
+    if i != len(axes) or j != len(sized):
+        return None
+    return kinds
+
+
+@dataclass(frozen=True)
+class FilterUse:
+    """A view of T weighted by filters and summed over some of its axes.
+
+    `filter_axes[j]` is the filters' axis that runs along axis j of the view (None where the filters
+    are broadcast along it). `extra_axes` are filter axes the view lacks, kept in the output (CARAFE's
+    upsampling phases: several filters per position over one unfold). The output holds the batch,
+    the extra axes, then the view's unsummed axes in order, permuted by `output_perm`.
+    """
+
+    consumer: gs.Node
+    view: gs.Tensor
+    filters: gs.Tensor
+    filter_axes: tuple[int | None, ...]
+    reduced: frozenset[int]
+    extra_axes: tuple[int, ...] = ()
+    output_perm: tuple[int, ...] | None = None
+
+    @property
+    def extra_shape(self) -> list[int]:
+        return [int(self.filters.shape[a]) for a in self.extra_axes]
+
+
+def _einsum_use(node: gs.Node, view: gs.Tensor) -> FilterUse | None:
+    """`einsum(view, filters)` or `einsum(filters, view)`: every view letter but the summed ones in
+    the output, filter letters from the view or kept in the output, no ellipsis, no diagonals."""
+    equation = attr_text(node.attrs.get("equation", "")).replace(" ", "")
+    if len(node.inputs) != 2 or "..." in equation or "->" not in equation:
+        return None
+    operands, output = equation.split("->")
+    terms = operands.split(",")
+    if len(terms) != 2 or any(len(set(t)) != len(t) for t in terms + [output]):
+        return None
+    position = [i for i, t in enumerate(node.inputs) if t is view]
+    if len(position) != 1:
+        return None
+    view_term, filter_term = terms[position[0]], terms[1 - position[0]]
+    filters = node.inputs[1 - position[0]]
+    extra = [letter for letter in filter_term if letter not in view_term]
+    if len(view_term) != len(view.shape or ()) or len(filter_term) != len(filters.shape or ()):
+        return None
+    if any(letter not in output for letter in extra) or any(not isinstance(filters.shape[filter_term.index(e)], int) for e in extra):
+        return None
+    reduced = frozenset(j for j, letter in enumerate(view_term) if letter not in output)
+    natural = view_term[0] + "".join(extra) + "".join(l for j, l in enumerate(view_term[1:], 1) if j not in reduced)
+    if sorted(natural) != sorted(output):
+        return None
+    axes = tuple(filter_term.index(letter) if letter in filter_term else None for letter in view_term)
+    extra_axes = tuple(filter_term.index(letter) for letter in extra)
+    return FilterUse(node, view, filters, axes, reduced, extra_axes, tuple(natural.index(l) for l in output))
+
+
+def _mul_sum_uses(node: gs.Node, view: gs.Tensor, opset: int) -> list[FilterUse]:
+    """`(view * filters).sum(axes)`: a broadcast Mul that keeps the view's shape, then ReduceSum."""
+    if len(node.inputs) != 2 or sum(t is view for t in node.inputs) != 1:
+        return []
+    filters = node.inputs[1] if node.inputs[0] is view else node.inputs[0]
+    view_shape, filter_shape = view.shape, filters.shape
+    if view_shape is None or filter_shape is None or len(filter_shape) != len(view_shape):
+        return []
+    axes: list[int | None] = []
+    for j, (v, f) in enumerate(zip(view_shape, filter_shape)):
+        if _same_dim(v, f):
+            axes.append(j)
+        elif f == 1:
+            axes.append(None)
+        else:
+            return []
+    uses = []
+    for reduce in node.outputs[0].outputs:
+        reduced = _reduce_sum_axes(reduce, len(view_shape), opset)
+        if reduced is not None:
+            uses.append(FilterUse(reduce, view, filters, tuple(axes), reduced))
+    return uses
+
+
+def _reduce_sum_axes(node: gs.Node, rank: int, opset: int) -> frozenset[int] | None:
+    if node.op != "ReduceSum" or node.attrs.get("noop_with_empty_axes", 0):
+        return None
+    if opset >= 13:
+        axes = constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
+    else:
+        axes = node.attrs.get("axes")
+    if axes is None:
+        return None
+    return frozenset(int(a) % rank for a in np.ravel(axes))
+
+
+def _filter_uses(view: gs.Tensor, opset: int) -> list[FilterUse]:
+    uses: list[FilterUse] = []
+    for node in view.outputs:
+        if node.op == "Einsum":
+            use = _einsum_use(node, view)
+            uses.extend([use] if use else [])
+        elif node.op == "Mul":
+            uses.extend(_mul_sum_uses(node, view, opset))
+    return uses
+
+
+def _filter_groups(match: UnfoldMatch, kinds: list[str], use: FilterUse) -> int | None:
+    """G when `use` is a dynamic filter over its view, else None.
+
+    The sum must run over exactly the kernel axes; the filters must run along the batch, every
+    kernel and spatial axis, and along the channels (G = C), their outer split (G = groups) or
+    neither (G = 1) -- never the inner split. The output's shape must be known past the batch.
+    """
+    kernel = {j for j, kind in enumerate(kinds) if kind == "k"}
+    output = use.consumer.outputs[0].shape if use.consumer.outputs else None
+    if not kernel or use.reduced != kernel or output is None or any(not isinstance(d, int) for d in output[1:]):
+        return None
+    has = {kind for kind, axis in zip(kinds, use.filter_axes) if axis is not None}
+    needed = {j for j, kind in enumerate(kinds) if kind in ("n", "k", "s")}
+    if any(use.filter_axes[j] is None for j in needed) or "c_inner" in has:
+        return None
+    if "c" in has:
+        return match.channels
+    if "c_outer" in has:
+        return int(use.view.shape[kinds.index("c_outer")])
+    return 1
+
+
+def _canonical_filters(b: Builder, match: UnfoldMatch, kinds: list[str], use: FilterUse, groups: int) -> gs.Tensor:
+    """The filters as `[N, E*G, K, Ho, Wo]`: their axes put in canonical order (batch, extra, channel,
+    kernel, spatial -- the view's order with the extra axes after the batch), then reshaped; only a
+    reordering of axes longer than 1 needs a Transpose."""
+    in_view = [axis for axis, kind in zip(use.filter_axes, kinds) if axis is not None and kind != "unit"]
+    ordered = in_view[:1] + list(use.extra_axes) + in_view[1:]
+    perm = ordered + [a for a in range(len(use.filters.shape)) if a not in ordered]
+    filters = use.filters
+    moved = [a for a in perm if use.filters.shape[a] != 1]
+    if moved != sorted(moved):
+        filters = b.transpose(filters, perm)
+    target = [math.prod(use.extra_shape) * groups, match.window.taps, *match.out_spatial]
+    if filters is use.filters and list(filters.shape[1:]) == target:
+        return filters
+    filters = b.reshape(filters, [0, *target])
+    filters.shape, filters.dtype = [match.batch, *target], use.filters.dtype
+    return filters
+
+
+def recognize_dynamic_filters(graph: gs.Graph, opset: int) -> None:
+    """Replace every exported unfold-weight-sum idiom with one `convlower.DynamicFilter` node."""
+    for match in find_unfolds(graph, opset):
+        for view in _views(match.columns):
+            kinds = axis_kinds(match, view)
+            if kinds is None:
+                continue
+            for use in _filter_uses(view, opset):
+                groups = _filter_groups(match, kinds, use)
+                if groups is not None and use.consumer.outputs:
+                    _replace_with_dynamic_filter(graph, opset, match, kinds, use, groups)
+    graph.cleanup()
+
+
+def _replace_with_dynamic_filter(
+    graph: gs.Graph, opset: int, match: UnfoldMatch, kinds: list[str], use: FilterUse, groups: int
+) -> None:
+    """Emit the DynamicFilter for `use` and what brings its `[N, E*C, Ho, Wo]` to the use's output.
+
+    With extra filter axes (E > 1) the input is tiled E times along the channels, so channel
+    e*C + c is filtered by group e*G + c // (C/G).
+    """
+    output = use.consumer.outputs[0]
+    use.consumer.outputs.clear()
+    dtype = output.dtype or np.float32
+    b = Builder(graph, opset, use.consumer.name or DYNAMIC_FILTER, dtype=dtype)
+    copies = math.prod(use.extra_shape)
+    source = match.source
+    if copies > 1:
+        source = b.op("Tile", [match.source, b.ints([1, copies, 1, 1])])
+        source.shape, source.dtype = [match.batch, copies * match.channels, *match.source.shape[2:]], match.source.dtype
+    filters = _canonical_filters(b, match, kinds, use, groups)
+    attrs = match.window.attrs()
+    shape = [match.batch, copies * match.channels, *match.out_spatial]
+    steps: list[tuple[str, list[int]]] = []
+    perm = list(use.output_perm or ())
+    if perm != sorted(perm):
+        kept = [int(d) for j, d in enumerate(use.view.shape[1:], 1) if j not in use.reduced]
+        natural = [match.batch, *use.extra_shape, *kept]
+        steps += [("Reshape", [0, *natural[1:]]), ("Transpose", perm)]
+        shape = [natural[p] for p in perm]
+    if list(output.shape) != shape:
+        steps.append(("Reshape", [0, *output.shape[1:]]))
+    result = b.op(DYNAMIC_FILTER, [source, filters], attrs, domain=DOMAIN, out=None if steps else output)
+    result.shape, result.dtype = [match.batch, copies * match.channels, *match.out_spatial], dtype
+    for i, (op, values) in enumerate(steps):
+        out = output if i == len(steps) - 1 else None
+        result = b.reshape(result, values, out=out) if op == "Reshape" else b.transpose(result, values, out=out)
+    add_function(graph, DYNAMIC_FILTER, attrs, opset)
+
+
+def recognize_unfolds(graph: gs.Graph, opset: int) -> None:
+    """Replace every exported F.unfold that is still used with a `convlower.Unfold` node."""
+    for match in find_unfolds(graph, opset):
+        if not match.columns.outputs:
+            continue
+        transpose = match.columns.inputs[0]
+        transpose.outputs.clear()
+        b = Builder(graph, opset, transpose.name or OP_TYPE, dtype=match.columns.dtype or np.float32)
+        attrs = match.window.attrs()
+        unfolded = b.op(OP_TYPE, [match.source], attrs, domain=DOMAIN)
+        unfolded.shape = [match.batch, match.channels * match.window.taps, math.prod(match.out_spatial)]
+        unfolded.dtype = match.columns.dtype
+        b.reshape(unfolded, [0, match.channels, *match.window.kernel_shape, *match.out_spatial], out=match.columns)
+        add_function(graph, OP_TYPE, attrs, opset)
+    graph.cleanup()
+
+
+register_recognizer(recognize_dynamic_filters)
+register_recognizer(recognize_unfolds)
+
+
+# --- the Unfold family -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnfoldSpec(WindowSpec):
+    """One Unfold node (F.unfold): X `[N, C, *S]` to `[N, C*K, L]`, rows channel-major."""
+
+
+def make_unfold_spec(node: gs.Node, opset: int) -> UnfoldSpec:
+    return UnfoldSpec(**window_spec_fields(node))
+
+
+def _columns_out(b: Builder, spec: UnfoldSpec, stacked: gs.Tensor, out: gs.Variable) -> None:
+    """`[N, C, K..., *S_out]` (taps and positions each in row-major order) to `[N, C*K, L]`."""
+    static = [spec.channels, *spec.out_spatial]
+    if all(d is not None for d in static):
+        rows = int(spec.channels) * spec.window.taps  # type: ignore[arg-type]
+        b.reshape(stacked, [0, rows, math.prod(spec.out_spatial)], out=out)  # type: ignore[arg-type]
+        return
+    per_tap = b.reshape(stacked, [0, 0, 0, -1])
+    b.reshape(per_tap, shape_vector(b, [0, -1, b.shape(per_tap, 3)]), out=out)
+
+
+def build_gather(b: Builder, spec: UnfoldSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
+    """As torch exports it: Pad, one Gather per spatial axis, Transpose, Reshape."""
+    padded = pad_spatial(b, inputs[0], spec.window, leading_axes=2)
+    gathered = gathered_windows(b, padded, spec.window, spec.out_spatial, first_axis=2)  # type: ignore[arg-type]
+    _columns_out(b, spec, gathered, outputs[0])
+
+
+def build_slice_concat(b: Builder, spec: UnfoldSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
+    """Pad, one strided Slice per tap, Concat on a new tap axis: no index tensors, any input size."""
+    padded = pad_spatial(b, inputs[0], spec.window, leading_axes=2)
+    _columns_out(b, spec, stacked_windows(b, padded, spec.window, first_axis=2), outputs[0])
+
+
+def build_conv_unfold(b: Builder, spec: UnfoldSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
+    """A grouped Conv with an identity kernel writes tap k of channel c to row c*K + k."""
+    columns = conv_windows(b, inputs[0], spec.window, int(spec.channels))  # type: ignore[arg-type]
+    b.reshape(columns, [0, 0, -1], out=outputs[0])
+
+
+def _gather_why_not(spec: UnfoldSpec) -> str | None:
+    if spec.channels is None or any(d is None for d in spec.out_spatial):
+        return "needs static channels and spatial extents (the Gather indices are constants)"
+    return None
+
+
+def _conv_unfold_why_not(spec: UnfoldSpec) -> str | None:
+    if spec.dtype != "float32":
+        return f"onnxruntime's CPU Conv runs float32 only, not {spec.dtype}"
+    if spec.channels is None:
+        return "needs static channels (the identity kernel has C groups)"
+    return None
+
+
+VARIANTS = (
+    SimpleVariant("gather", _gather_why_not, build_gather, "Pad + Gather per axis + Transpose (as exported)"),
+    SimpleVariant("slice_concat", lambda spec: None, build_slice_concat, "Pad + Slice per tap + Concat"),
+    SimpleVariant("conv_unfold", _conv_unfold_why_not, build_conv_unfold, "grouped Conv with an identity kernel"),
+)
+
+
+def build_reference_body(
+    b: Builder, attrs: Mapping[str, Any], inputs: Sequence[gs.Variable], outputs: Sequence[gs.Variable]
+) -> None:
+    """The model-local function body: slice_concat with no shape known, so it runs for any input."""
+    build_slice_concat(b, UnfoldSpec(op=OP_TYPE, **unknown_dims(SlidingWindow.from_attrs(attrs))), inputs, outputs)
+
+
+FAMILY = register(OpFamily(OP_TYPE, DOMAIN, make_unfold_spec, VARIANTS))
+CANONICAL = register_canonical_op(CanonicalOp(OP_TYPE, ("X",), resolved_attrs, overload_name, build_reference_body))
