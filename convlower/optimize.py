@@ -21,10 +21,11 @@ from typing import Iterable, Mapping
 
 import onnx
 import onnx.inliner
+import onnx_graphsurgeon as gs
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from convlower.passes import FAMILIES, spec_dict
-from convlower.passes.base import constant_value
+from convlower.passes.base import constant_value, onnx_dtype, onnx_nodes
 
 from .cache import TuningCache, default_cache_path
 from .errors import UsageError
@@ -120,7 +121,11 @@ def optimize(
 
     graph = import_graph(proto)
     planned = plan_nodes(graph, default_opset(proto))
-    groups = _group(planned, _static_shapes(proto, shapes), report)
+    exported = {node.name for node in onnx_nodes(proto.graph)}
+    recognized = {e.name for e in planned if e.family.domain and e.name not in exported}
+    static_shapes = _static_shapes(proto, shapes)
+    static_shapes.update(_observed_shapes(proto, _unknown_inputs(planned, graph, static_shapes), shapes, feeds, runner))
+    groups = _group(planned, static_shapes, report)
     cache_store = TuningCache(default_cache_path() if cache is USE_DEFAULT_CACHE else cache)  # type: ignore[arg-type]
     environment = [runner.provider, runner.device, report.onnxruntime, threads]
 
@@ -140,7 +145,10 @@ def optimize(
                 )
                 timed += 1
                 _store(cache_store, key, environment, tuning)
-            report.nodes.extend(_node_report(member, member_shapes, tuning, allowed) for member, member_shapes in members)
+            report.nodes.extend(
+                _node_report(member, member_shapes, tuning, allowed, recognized=member.name in recognized)
+                for member, member_shapes in members
+            )
             bar.advance(task)
     cache_store.save()
     order = {entry.name: index for index, entry in enumerate(planned)}
@@ -189,6 +197,39 @@ def _static_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -
     return found
 
 
+def _unknown_inputs(planned: list[PlannedNode], graph: gs.Graph, static: dict[str, tuple[int, ...] | None]) -> list[gs.Tensor]:
+    """Runtime inputs of planned main-graph nodes whose shape inference left the shape unknown."""
+    main = set(map(id, graph.nodes))
+    return [
+        tensor
+        for entry in planned
+        if id(entry.node) in main
+        for tensor in entry.node.inputs
+        if not tensor.is_empty() and constant_value(tensor) is None and static.get(tensor.name) is None
+    ]
+
+
+def _observed_shapes(
+    model: onnx.ModelProto, tensors: list[gs.Tensor], shapes: dict[str, tuple[int, ...]], feeds: Feeds | None, runner: Runner
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of `tensors` seen by running the model once with them as extra outputs.
+
+    For graphs whose shapes ONNX inference cannot follow (the legacy torch exporter computes some
+    Pad amounts with Shape/Slice/Concat chains it does not fold).
+    """
+    if not tensors:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    for tensor in {t.name: t for t in tensors}.values():
+        if tensor.name not in outputs and tensor.dtype is not None:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor.name, onnx_dtype(tensor), None))
+    session = runner.session(probe)
+    values = session.run(feeds if feeds is not None else input_sets(model, input_shapes=shapes, runs=1)[0])
+    return {name: tuple(value.shape) for name, value in zip(session.output_names, values)}
+
+
 def _node_shapes(entry: PlannedNode, static: dict[str, tuple[int, ...] | None]) -> tuple[dict[str, tuple[int, ...]], str | None]:
     """Concrete shapes of the node's runtime inputs (weights excluded), or why they are unknown."""
     shapes = {}
@@ -218,7 +259,6 @@ def _cached(cache: TuningCache, key: str, environment: list, entry: PlannedNode,
         if hit is None:
             return None
         tuning.outcomes[variant.name] = VariantOutcome(**hit)
-    tuning.chosen = choose(tuning)
     return tuning
 
 
@@ -228,7 +268,9 @@ def _store(cache: TuningCache, key: str, environment: list, tuning: NodeTuning) 
         cache.put(TuningCache.key(key, name, *environment), outcome.to_dict())
 
 
-def _node_report(entry: PlannedNode, shapes: dict[str, tuple[int, ...]], tuning: NodeTuning, allowed: dict[str, set[str]]) -> NodeReport:
+def _node_report(
+    entry: PlannedNode, shapes: dict[str, tuple[int, ...]], tuning: NodeTuning, allowed: dict[str, set[str]], *, recognized: bool
+) -> NodeReport:
     variants = {}
     names = allowed.get(entry.op.lower())
     for variant in entry.family.variants:
@@ -240,8 +282,9 @@ def _node_report(entry: PlannedNode, shapes: dict[str, tuple[int, ...]], tuning:
         elif variant.name in tuning.outcomes:
             variants[variant.name] = tuning.outcomes[variant.name].to_dict()
     shape = ", ".join("x".join(map(str, s)) for s in shapes.values())
-    return NodeReport(entry.name, entry.op, shape, spec_dict(entry.spec), tuning.chosen, tuning.original_ms,
-                      variants, cached=tuning.cached)
+    chosen = choose(tuning, recognized=recognized)
+    return NodeReport(entry.name, entry.op, shape, spec_dict(entry.spec), chosen, tuning.original_ms,
+                      variants, cached=tuning.cached, recognized=recognized)
 
 
 def _guard(

@@ -26,6 +26,8 @@ class NodeReport:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     cached: bool = False
     reason: str | None = None
+    recognized: bool = False
+    """Made by a recognizer from an exported idiom: `original_ms` is then its canonical function body's."""
 
     @property
     def chosen_ms(self) -> float | None:
@@ -40,7 +42,8 @@ class NodeReport:
     def to_dict(self) -> dict[str, Any]:
         data = {
             "name": self.name, "op": self.op, "shape": self.shape, "spec": self.spec, "chosen": self.chosen,
-            "original_ms": self.original_ms, "speedup": self.speedup, "cached": self.cached, "variants": self.variants,
+            "original_ms": self.original_ms, "speedup": self.speedup, "cached": self.cached,
+            "recognized": self.recognized, "variants": self.variants,
         }
         if self.reason:
             data["reason"] = self.reason
@@ -93,7 +96,7 @@ class Report:
         for node in self.nodes:
             variants = ", ".join(_variant_cell(name, v) for name, v in node.variants.items()) or (node.reason or "")
             table.add_row(
-                node.name, node.op, node.shape, _ms(node.original_ms), variants,
+                node.name, node.op + (" (recognized)" if node.recognized else ""), node.shape, _ms(node.original_ms), variants,
                 node.chosen + (" (cached)" if node.cached else ""),
                 f"{node.speedup:.2f}x" if node.speedup else "",
             )

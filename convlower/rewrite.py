@@ -14,6 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from convlower.passes import RECOGNIZERS, Builder, NotLowerable, OpFamily, family_for
+from convlower.passes.base import onnx_nodes
 from convlower.passes.local_functions import attach_functions
 
 from .errors import VerificationError
@@ -142,17 +143,4 @@ def _passes_checker(model: onnx.ModelProto) -> bool:
 def remaining_ops(model: onnx.ModelProto, op_types: set[str]) -> list[str]:
     """Names of nodes (in any subgraph) whose type is in `op_types` (case-insensitive)."""
     wanted = {t.lower() for t in op_types}
-    found = []
-
-    def walk(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            if node.op_type.lower() in wanted:
-                found.append(node.name or node.op_type)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
-                for sub in attr.graphs:
-                    walk(sub)
-
-    walk(model.graph)
-    return found
+    return [node.name or node.op_type for node in onnx_nodes(model.graph) if node.op_type.lower() in wanted]

@@ -48,17 +48,11 @@ class VariantOutcome:
 
 @dataclass
 class NodeTuning:
-    """The tuning of one distinct (spec, input shapes): outcomes by variant and the choice."""
+    """The tuning of one distinct (spec, input shapes): the original's median and each variant's outcome."""
 
     original_ms: float
     outcomes: dict[str, VariantOutcome] = field(default_factory=dict)
-    chosen: str = ORIGINAL
     cached: bool = False
-
-    @property
-    def chosen_ms(self) -> float:
-        outcome = self.outcomes.get(self.chosen)
-        return outcome.ms if outcome is not None and outcome.ms is not None else self.original_ms
 
 
 def micro_model(
@@ -115,7 +109,7 @@ def tune_node(
     atol: float | None = None,
     rtol: float | None = None,
 ) -> NodeTuning:
-    """Check every candidate against the original node, time the survivors, choose."""
+    """Check every candidate against the original node, then time the survivors with it."""
     original = micro_model(node, opset_imports, functions)
     feeds = micro_feeds(original, shapes)
     try:
@@ -147,18 +141,22 @@ def tune_node(
         outcomes[name].ms = timing.median_ms
     if NATIVE in outcomes:
         outcomes[NATIVE].ms = timings[0].median_ms
-    tuning = NodeTuning(timings[0].median_ms, outcomes)
-    tuning.chosen = choose(tuning)
-    return tuning
+    return NodeTuning(timings[0].median_ms, outcomes)
 
 
-def choose(tuning: NodeTuning) -> str:
-    """The fastest verified variant if it beats the original by MIN_GAIN, else the original."""
+def choose(tuning: NodeTuning, *, recognized: bool = False) -> str:
+    """The fastest verified variant if it beats the original by MIN_GAIN, else the original.
+
+    A `recognized` node (a canonical node a recognizer made from an exported idiom) has no
+    original of its own to keep: keeping it means keeping the idiom, which its function body
+    only stands in for. It gets its fastest verified variant; the guard still compares the
+    whole model with the idiom as exported.
+    """
     timed = [(o.ms, name) for name, o in tuning.outcomes.items() if o.status == "ok" and o.ms is not None and name != NATIVE]
     if not timed:
         return ORIGINAL
     ms, name = min(timed)
-    return name if ms < tuning.original_ms * (1 - MIN_GAIN) else ORIGINAL
+    return name if recognized or ms < tuning.original_ms * (1 - MIN_GAIN) else ORIGINAL
 
 
 def tuning_key(spec: Any, shapes: dict[str, tuple[int, ...]]) -> str:

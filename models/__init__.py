@@ -4,7 +4,8 @@ Each family lives in its own module with `build(size="realistic") -> (module, in
 in eval mode, deterministically initialised, and example inputs; size "small" gives tiny shapes
 for tests, "realistic" the shapes benchmarks use. Families with dynamic filters (spatially variant
 filters predicted from the input, applied through `F.unfold`, what convlower's `DynamicFilter`
-recognizer and lowerings are for): `kpn_denoiser`, `involution`, `carafe` (`DYNAMIC_FILTER`).
+recognizer and lowerings are for): `kpn_denoiser`, `involution`, `carafe`, `seed_filter`
+(`DYNAMIC_FILTER`).
 The others hold static Conv / ConvTranspose of varied kinds. `builders` holds ONNX models built
 without torch.
 
@@ -31,8 +32,9 @@ FAMILIES: dict[str, str] = {
     "conv3d": "C3D-style video classifier: 3x3x3 Conv3d over [N, C, T, H, W] clips",
     "unet": "UNet with ConvTranspose2d (k2, s2) upsampling and skip concatenation",
     "carafe": "CARAFE 2x upsampler: per-position softmax reassembly kernels, unfold + einsum + pixel shuffle",
+    "seed_filter": "seed 000's method_1 as written: unfold + einsum with given per-pixel filters (N=2048, 32x32, K=3)",
 }
-DYNAMIC_FILTER: tuple[str, ...] = ("kpn_denoiser", "involution", "carafe")
+DYNAMIC_FILTER: tuple[str, ...] = ("kpn_denoiser", "involution", "carafe", "seed_filter")
 
 
 def load(name: str) -> Factory:

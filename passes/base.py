@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import onnx
@@ -168,6 +168,17 @@ def positive_ints(values: Sequence[int], rank: int, what: str) -> tuple[int, ...
 def attr_text(value: str | bytes) -> str:
     """A string attribute as text (onnx-graphsurgeon may hand bytes)."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def onnx_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of a GraphProto and of the subgraphs (If/Loop/Scan bodies) nested in it."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from onnx_nodes(attr.g)
+            for sub in attr.graphs:
+                yield from onnx_nodes(sub)
 
 
 class Builder:

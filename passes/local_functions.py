@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from .base import Builder
+from .base import Builder, onnx_nodes
 
 DOMAIN = "convlower"
 DOMAIN_VERSION = 1
@@ -84,7 +84,7 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     wanted: dict[tuple[str, str], onnx.FunctionProto] = {}
-    for node in _nodes(model.graph):
+    for node in onnx_nodes(model.graph):
         op = CANONICAL_OPS.get(node.op_type) if node.domain == DOMAIN else None
         if op is None:
             continue
@@ -104,17 +104,6 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
         if not any(o.domain == DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     return model
-
-
-def _nodes(graph: onnx.GraphProto):
-    """Every node of a graph and of its subgraphs (If/Loop/Scan bodies)."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _nodes(sub)
 
 
 def add_function(graph: gs.Graph, op_type: str, attrs: Mapping[str, Any], opset: int) -> None:

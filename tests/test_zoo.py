@@ -17,6 +17,7 @@ import pytest
 from onnx import helper
 
 import convlower.models
+import convlower
 from convlower.models import DYNAMIC_FILTER, FAMILIES, ZOO, load
 from tests.helpers import op_types, run
 
@@ -40,6 +41,7 @@ EXPECTED_OPS = {
     "conv3d": {"Conv", "ReduceMean", "Gemm"},
     "unet": {"Conv", "MaxPool", "ConvTranspose", "Concat"},
     "carafe": {"Conv", "Softmax", "Einsum", "DepthToSpace"} | UNFOLD,
+    "seed_filter": {"Einsum"} | UNFOLD,
 }
 # A node each family must hold: (op type, attributes it has).
 EXPECTED_NODE: dict[str, tuple[str, dict[str, Any]]] = {
@@ -145,6 +147,26 @@ def test_build_is_deterministic_and_leaves_the_global_rng_alone() -> None:
     assert not first.training
     for a, b in zip([*first.state_dict().values(), *first_inputs], [*second.state_dict().values(), *second_inputs]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_optimizes_and_verifies(name: str) -> None:
+    """Every zoo model, exported with convlower.export, optimizes into a verified model that still
+    matches torch; dynamic-filter families are found as DynamicFilter nodes."""
+    module, inputs = ZOO[name]("small")
+    model = convlower.export(module, inputs, dynamo=False)
+    feeds = {i.name: t.numpy() for i, t in zip(model.graph.input, inputs)}
+    result = convlower.optimize(model, inputs=feeds, provider="cpu", cache=None)
+    report = result.report
+    assert report.verification["passed"] and report.nodes
+    if name in DYNAMIC_FILTER:
+        assert "DynamicFilter" in {n.op for n in report.nodes}
+    for node in report.nodes:
+        assert node.reason is None or node.reason.startswith("reverted"), f"{node.name}: {node.reason}"
+    with torch.no_grad():
+        expected = module(*inputs).numpy()
+    (got,) = run(result.model, feeds)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
 
 
 @pytest.mark.slow
