@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=200, help="most timed runs per model (default 200)")
     p.add_argument("--json", action="store_true")
 
-    sub.add_parser("demo", help="run convlower on a bundled example model")
+    p = sub.add_parser("demo", help="export, optimize and check a bundled dynamic-filter model")
+    p.add_argument("--model", default="involution", help="kpn_denoiser, involution, carafe or seed_filter (default involution)")
+    _add_provider(p)
     return parser
 
 
@@ -165,7 +167,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo()
+    return run_demo(args.model, args.provider)
 
 
 COMMANDS = {"optimize": _cmd_optimize, "verify": _cmd_verify, "lower": _cmd_lower, "inspect": _cmd_inspect, "bench": _cmd_bench, "demo": _cmd_demo}

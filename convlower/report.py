@@ -88,15 +88,19 @@ class Report:
         return json.dumps(self.to_dict(), indent=2)
 
     def table(self) -> Table:
-        """Per node: op, input shape, each variant's median, the choice and its speedup."""
+        """Per node: op, input shapes, the original's median, each timed variant's, the choice and its speedup.
+
+        Variants are listed fastest first; those that do not apply or were rejected are counted
+        (the JSON report says why).
+        """
         table = Table(title="convlower: per-node tuning", title_justify="left")
-        for column, justify in (("node", "left"), ("op", "left"), ("input shape", "left"), ("original ms", "right"),
-                                ("variants (median ms)", "left"), ("chosen", "left"), ("speedup", "right")):
+        for column, justify in (("node", "left"), ("op", "left"), ("input shapes", "left"), ("original ms", "right"),
+                                ("variants, ms (fastest first)", "left"), ("chosen", "left"), ("speedup", "right")):
             table.add_column(column, justify=justify)  # type: ignore[arg-type]
         for node in self.nodes:
-            variants = ", ".join(_variant_cell(name, v) for name, v in node.variants.items()) or (node.reason or "")
             table.add_row(
-                node.name, node.op + (" (recognized)" if node.recognized else ""), node.shape, _ms(node.original_ms), variants,
+                _tail(node.name, 32), node.op + (" (recognized)" if node.recognized else ""), node.shape,
+                _ms(node.original_ms), _variants_cell(node) or (node.reason or ""),
                 node.chosen + (" (cached)" if node.cached else ""),
                 f"{node.speedup:.2f}x" if node.speedup else "",
             )
@@ -123,9 +127,15 @@ def _ms(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "-"
 
 
-def _variant_cell(name: str, outcome: dict[str, Any]) -> str:
-    if outcome.get("status") == "ok":
-        return f"{name} {outcome['ms']:.3f}"
-    if outcome.get("status") == "not_applicable":
-        return f"{name} n/a"
-    return f"{name} rejected"
+def _tail(text: str, width: int) -> str:
+    """The end of a long node name, where exporters put the distinguishing part."""
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def _variants_cell(node: NodeReport) -> str:
+    timed = sorted((v["ms"], name) for name, v in node.variants.items() if v.get("status") == "ok" and name != "native")
+    cell = ", ".join(f"{name} {ms:.3f}" for ms, name in timed)
+    others = {status: sum(1 for v in node.variants.values() if v.get("status") == status)
+              for status in ("rejected", "not_applicable", "skipped")}
+    notes = ", ".join(f"{count} {status.replace('_', ' ')}" for status, count in others.items() if count)
+    return f"{cell} ({notes})" if notes and cell else cell or notes
