@@ -134,9 +134,16 @@ class Runner:
         return gpu_name() if self.provider == CUDA else cpu_name()
 
     def session(self, model: onnx.ModelProto | bytes, *, what: str = "the model") -> "Session":
-        """A session for `model`; a model onnxruntime refuses raises `UsageError` naming the reason."""
+        """A session for `model`; a model onnxruntime refuses raises `UsageError` naming the reason.
+
+        Worker threads do not spin while idle: convlower keeps several sessions alive and times
+        them in turn, and measured here the spinning threads of idle sessions took the cores from
+        the running one (a ResNet's interleaved median doubled, 4.7 -> 9.0 ms). Every session
+        pays the same small wake-up cost instead, so comparisons stay fair.
+        """
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.threads:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
@@ -204,10 +211,9 @@ def time_interleaved(
 def time_calls(calls: Sequence[Callable[[], object]], policy: TimingPolicy = TimingPolicy()) -> list[Timing]:
     """Time several zero-argument calls, interleaved so drift hits all alike.
 
-    Each round runs every call for a block of `policy.block` timed runs, after one untimed run:
-    on the CPU a session run right after another pays for that one's still-spinning worker
-    threads (measured here: ~50% on a small model), so the first run after a switch is not
-    counted, and the order rotates every round so no call always goes first.
+    Each round runs every call for a block of `policy.block` timed runs after one untimed run
+    (the first run after a switch pays for caches the other call evicted), and the order rotates
+    every round so no call always goes first.
     """
     for call in calls:
         for _ in range(policy.warmup):
