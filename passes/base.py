@@ -9,6 +9,7 @@ replacement nodes through a `Builder`, writing the node's original output tensor
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -179,6 +180,39 @@ def onnx_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                 yield from onnx_nodes(attr.g)
             for sub in attr.graphs:
                 yield from onnx_nodes(sub)
+
+
+SLICE_TO_END = np.iinfo(np.int64).max
+"""A Slice end that reads to the end of an axis whatever its size."""
+
+
+def tap_windows(
+    b: "Builder",
+    x: gs.Tensor,
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    first_axis: int,
+) -> list[gs.Tensor]:
+    """The (already padded) input seen through each kernel tap, taps in row-major order.
+
+    Tap `o` reads `x[..., o·d : end - (k-1-o)·d : s]` on every spatial axis (spatial axes start at
+    `first_axis`): exactly the output's spatial size, counted back from the end of the axis, so
+    the slices need no shapes and stay valid for any input size. An axis a tap reads whole
+    (k = 1, s = 1) is not sliced; a tap that reads all of x is x itself.
+    """
+    windows = []
+    for offset in itertools.product(*(range(k) for k in kernel_shape)):
+        starts, ends, axes, steps = [], [], [], []
+        for axis, (o, k, s, d) in enumerate(zip(offset, kernel_shape, strides, dilations)):
+            if k == 1 and s == 1:
+                continue
+            starts.append(o * d)
+            ends.append(-(k - 1 - o) * d or SLICE_TO_END)
+            axes.append(first_axis + axis)
+            steps.append(s)
+        windows.append(b.slice(x, starts, ends, axes, steps) if axes else x)
+    return windows
 
 
 class Builder:

@@ -31,7 +31,6 @@ and only `native` applies.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -55,10 +54,10 @@ from .base import (
     rearranged,
     spec_key,
     static_shape,
+    tap_windows,
 )
 
 EINSUM_OPSET = 12
-_SLICE_TO_END = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,24 +250,8 @@ def padded(b: Builder, spec: ConvSpec, x: gs.Tensor) -> gs.Tensor:
 
 
 def windows(b: Builder, spec: ConvSpec, x: gs.Tensor, first_axis: int = 2) -> list[gs.Tensor]:
-    """The padded input seen through each kernel tap, taps in row-major order.
-
-    Tap `o` reads `x[..., o·d : end - (k-1-o)·d : s]` on every spatial axis (spatial axes start at
-    `first_axis`), which has exactly the output's spatial size whatever the input's size is. An axis
-    the tap reads whole (k = 1, s = 1) is not sliced; a tap that reads all of x is x itself.
-    """
-    out = []
-    for offset in itertools.product(*(range(k) for k in spec.kernel_shape)):
-        starts, ends, axes, steps = [], [], [], []
-        for axis, (o, k, s, d) in enumerate(zip(offset, spec.kernel_shape, spec.strides, spec.dilations)):
-            if k == 1 and s == 1:
-                continue
-            starts.append(o * d)
-            ends.append(-(k - 1 - o) * d or _SLICE_TO_END)
-            axes.append(first_axis + axis)
-            steps.append(s)
-        out.append(b.slice(x, starts, ends, axes, steps) if axes else x)
-    return out
+    """The padded input seen through each kernel tap, taps in row-major order (see `tap_windows`)."""
+    return tap_windows(b, x, spec.kernel_shape, spec.strides, spec.dilations, first_axis)
 
 
 def to_output(b: Builder, spec: ConvSpec, y: gs.Tensor, window: gs.Tensor, window_axis: int, out: gs.Variable) -> None:

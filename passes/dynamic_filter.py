@@ -26,11 +26,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import register
-from .base import Builder, Dim, NotLowerable, OpFamily, SimpleVariant, float_dtype, spec_key, static_shape
+from .base import Builder, Dim, NotLowerable, OpFamily, SimpleVariant, float_dtype, spec_key, static_shape, tap_windows
 from .local_functions import DOMAIN, CanonicalOp, register_canonical_op
 
 OP_TYPE = "DynamicFilter"
-SLICE_TO_END = np.iinfo(np.int64).max
 SPATIAL_LETTERS = "hwdvuts"
 """Einsum letters for spatial axes; the other letters of the equations never clash with these."""
 
@@ -246,22 +245,8 @@ def pad_spatial(b: Builder, x: gs.Tensor, window: SlidingWindow, leading_axes: i
 
 
 def shifted_windows(b: Builder, padded: gs.Tensor, window: SlidingWindow, first_axis: int) -> list[gs.Tensor]:
-    """One strided slice of the padded input per kernel tap: what that tap multiplies, at every output.
-
-    Each slice ends a fixed distance before the input's end, so the slices need no shapes and the
-    graph stays valid for any input size.
-    """
-    r = window.rank
-    axes = list(range(first_axis, first_axis + r))
-    taps = []
-    for offset in window.offsets():
-        starts = [o * d for o, d in zip(offset, window.dilations)]
-        ends = [
-            -(k - 1 - o) * d if k - 1 - o else SLICE_TO_END
-            for o, k, d in zip(offset, window.kernel_shape, window.dilations)
-        ]
-        taps.append(b.slice(padded, starts, ends, axes, window.strides))
-    return taps
+    """One strided slice of the padded input per kernel tap: what that tap multiplies, at every output."""
+    return tap_windows(b, padded, window.kernel_shape, window.strides, window.dilations, first_axis)
 
 
 def stacked_windows(b: Builder, padded: gs.Tensor, window: SlidingWindow, first_axis: int) -> gs.Tensor:
