@@ -95,7 +95,7 @@ class Report:
         """
         table = Table(title="convlower: per-node tuning", title_justify="left")
         for column, justify in (("node", "left"), ("op", "left"), ("input shapes", "left"), ("original ms", "right"),
-                                ("variants, ms (fastest first)", "left"), ("chosen", "left"), ("speedup", "right")):
+                                ("variants (ms)", "left"), ("chosen", "left"), ("speedup", "right")):
             table.add_column(column, justify=justify)  # type: ignore[arg-type]
         for node in self.nodes:
             table.add_row(
