@@ -23,7 +23,9 @@ from convlower.passes.base import constant_value
 from convlower.passes.local_functions import attach_functions
 
 from .errors import UsageError
+from .inputs import random_inputs
 from .runner import Runner, TimingPolicy, time_interleaved
+from .shapes import graph_inputs
 from .verify import compare
 
 ORIGINAL = "original"
@@ -88,14 +90,6 @@ def micro_model(
     return attach_functions(gs.export_onnx(graph, do_type_check=False, opset_imports=list(opset_imports)))
 
 
-def micro_feeds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs for a micro-model at the node's concrete input shapes."""
-    from .inputs import random_inputs
-    from .shapes import graph_inputs
-
-    return random_inputs(graph_inputs(model), shapes, seed=seed)
-
-
 def tune_node(
     node: gs.Node,
     spec: Any,
@@ -111,7 +105,7 @@ def tune_node(
 ) -> NodeTuning:
     """Check every candidate against the original node, then time the survivors with it."""
     original = micro_model(node, opset_imports, functions)
-    feeds = micro_feeds(original, shapes)
+    feeds = random_inputs(graph_inputs(original), shapes)
     try:
         reference_session = runner.session(original, what=f"node {node.name!r}")
         reference = reference_session.run(feeds)
