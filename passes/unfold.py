@@ -472,7 +472,6 @@ def recognize_unfolds(graph: gs.Graph, opset: int) -> None:
 
 
 register_recognizer(recognize_dynamic_filters)
-register_recognizer(recognize_unfolds)
 
 
 # --- the Unfold family -------------------------------------------------------------------------------

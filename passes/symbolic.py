@@ -1,0 +1,155 @@
+"""Recognition under symbolic dims: match an idiom at several concrete sizes, rewrite it once for all.
+
+Exports with symbolic batch and spatial dims compute what recognizers must read — Gather indices,
+Slice ends, Reshape targets — from `Shape` at run time:
+
+    Shape(x) -> Gather(2) -> Sub -> Range -> Unsqueeze -> Add(k * dilation) -> Gather(Pad(x), ., axis=2)
+
+Nothing in the graph says that such an index is `k * dilation + p * stride` for every input size.
+Rather than reason about the arithmetic, convlower binds the model's symbolic input dims to trial
+sizes (distinct sizes for distinct dims, several trials), lets ONNX shape inference with data
+propagation fold the shapes, and runs a recognizer's static matcher on each bound copy. A match
+counts only where the same match (the same tensors, the same window) is found at every trial; the
+rewrite is then emitted into the real graph, shape-generic, with the dims that vary between trials
+read at run time.
+
+    matches = matches_at_every_size(graph, opset, find_unfolds, signature)
+    for per_trial in matches:                      # [match at trial 1, match at trial 2, ...]
+        source = local(graph, per_trial[0].source)
+        out = dims_across(*(m.out_spatial for m in per_trial))   # None where symbolic
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable, Iterable, Sequence, TypeVar
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from convlower.shapes import with_static_inputs
+
+M = TypeVar("M")
+
+TRIAL_BATCH = (2, 3)
+"""Sizes a symbolic first axis (the batch, by convention) takes in the trials."""
+TRIAL_BASE = (64, 96)
+"""Sizes other symbolic dims start from in the trials; each further distinct dim adds `TRIAL_STEP`.
+Multiples of 32, so that down- and up-sampling stages of image nets still line up."""
+TRIAL_STEP = 32
+LARGE_CONSTANT = 4096
+"""Constants larger than this many elements (weights) travel to the trials as shapes only."""
+
+
+def has_symbolic_inputs(graph: gs.Graph) -> bool:
+    return any(not _is_static(d) for t in graph.inputs for d in (t.shape or ()))
+
+
+def _is_static(dim: object) -> bool:
+    return isinstance(dim, (int, np.integer)) and int(dim) >= 0
+
+
+def trial_bindings(graph: gs.Graph) -> list[dict[str, tuple[int, ...]]]:
+    """Input shapes for each trial. Symbolic dims that share a name share a size; every other
+    symbolic dim (another name, or unnamed) gets a size of its own. A dim first seen on an
+    input's axis 0 is a batch and takes `TRIAL_BATCH` sizes."""
+    first_axis: dict[object, int] = {}
+    for tensor in graph.inputs:
+        for axis, dim in enumerate(tensor.shape or ()):
+            if not _is_static(dim):
+                first_axis.setdefault(_dim_key(tensor, axis, dim), axis)
+    bindings = []
+    for trial, batch in enumerate(TRIAL_BATCH):
+        size = {key: batch if axis == 0 else TRIAL_BASE[trial] + TRIAL_STEP * index
+                for index, (key, axis) in enumerate(first_axis.items())}
+        bindings.append({
+            tensor.name: tuple(int(d) if _is_static(d) else size[_dim_key(tensor, axis, d)] for axis, d in enumerate(tensor.shape))
+            for tensor in graph.inputs if tensor.shape is not None
+        })
+    return bindings
+
+
+def _dim_key(tensor: gs.Tensor, axis: int, dim: object) -> object:
+    return dim if isinstance(dim, str) and dim else (tensor.name, axis)
+
+
+def trial_graphs(graph: gs.Graph, opset: int) -> list[gs.Graph]:
+    """Copies of `graph` with every symbolic input dim bound to trial sizes, shapes inferred with
+    ONNX data propagation, so that Reshape targets computed from Shape become static and index
+    arithmetic folds. Tensors keep their names. Empty when the inputs are all static, or when a
+    binding does not infer (the idioms are then left as they are)."""
+    if not has_symbolic_inputs(graph):
+        return []
+    model, weights = _shapes_model(graph, opset)
+    trials = []
+    for binding in trial_bindings(graph):
+        trial = gs.import_onnx(with_static_inputs(model, binding))
+        if not all(_is_static_shape(t.shape) for t in trial.inputs):
+            return []
+        _restore_weights(trial, weights)
+        trials.append(trial)
+    return trials
+
+
+def _is_static_shape(shape: Sequence[object] | None) -> bool:
+    return shape is not None and all(_is_static(d) for d in shape)
+
+
+def _shapes_model(graph: gs.Graph, opset: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The graph as a model for shape inference, and the large constants (weights) it holds as
+    inputs of their shape instead: only their shapes matter to inference, and copying them would
+    cost memory (or break protobuf's 2 GB limit)."""
+    copy = graph.copy()
+    weights = {}
+    for tensor in list(copy.tensors().values()):
+        if isinstance(tensor, gs.Constant) and tensor.values.size > LARGE_CONSTANT:
+            weights[tensor.name] = tensor.values
+            stand_in = gs.Variable(tensor.name, dtype=tensor.values.dtype, shape=list(tensor.values.shape))
+            for node in list(tensor.outputs):
+                node.inputs[:] = [stand_in if t is tensor else t for t in node.inputs]
+            copy.inputs.append(stand_in)
+    model = gs.export_onnx(copy, do_type_check=False)
+    if not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("", opset))
+    return model, weights
+
+
+def _restore_weights(trial: gs.Graph, weights: dict[str, np.ndarray]) -> None:
+    """Put the weights back as constants in a trial graph (sharing the arrays, not copying them),
+    so that matchers that read constant values see them."""
+    if not weights:
+        return
+    tensors = trial.tensors()
+    for name, values in weights.items():
+        stand_in = tensors[name]
+        constant = gs.Constant(name, values)
+        for node in list(stand_in.outputs):
+            node.inputs[:] = [constant if t is stand_in else t for t in node.inputs]
+    trial.inputs = [t for t in trial.inputs if t.name not in weights]
+
+
+def matches_at_every_size(
+    graph: gs.Graph,
+    opset: int,
+    find: Callable[[gs.Graph, int], Iterable[M]],
+    signature: Callable[[M], Hashable],
+) -> list[list[M]]:
+    """Matches of `find` that hold at every size, one list per match: `[match]` from `graph`
+    itself when its inputs are static, else `[match at trial 1, match at trial 2, ...]` for each
+    signature (the tensors a match spans and its parameters) found at every trial."""
+    if not has_symbolic_inputs(graph):
+        return [[m] for m in find(graph, opset)]
+    per_trial = [{signature(m): m for m in find(trial, opset)} for trial in trial_graphs(graph, opset)]
+    if not per_trial:
+        return []
+    return [[found[key] for found in per_trial] for key in per_trial[0] if all(key in found for found in per_trial)]
+
+
+def dims_across(*shapes: Sequence[int]) -> tuple[int | None, ...]:
+    """Per axis, the size when it is the same at every trial, None where it varies (symbolic)."""
+    return tuple(dims[0] if all(d == dims[0] for d in dims) else None for dims in zip(*shapes))
+
+
+def local(graph: gs.Graph, tensor: gs.Tensor) -> gs.Tensor:
+    """`graph`'s own tensor with the same name as `tensor` (which may belong to a trial graph)."""
+    return graph.tensors()[tensor.name]
