@@ -1,25 +1,49 @@
-"""Dynamic filters (seed 000) and unfold: every variant against the graph torch exports, and torch eager.
+"""Dynamic filters on onnxruntime: idioms as users write them, end to end, and every variant per op.
 
-    python benchmarks/bench_dynamic_filter.py [--quick] [--provider auto|cpu|cuda] [--threads N]
+    python benchmarks/bench_dynamic_filter.py [--idioms | --variants] [--only NAME,..] [--quick]
+        [--threads 2] [--provider cpu|auto|cuda] [--no-compile] [--markdown PATH]
 
-For each shape (N, C, H, W, K), seed 000's method_1 (`F.unfold` + `view` + `einsum`, plain torch)
-is exported with torch.onnx.export (dynamo); that graph is timed as exported, and convlower
-recognizes it and lowers it with each DynamicFilter variant. Torch eager runs method_1 and
-`convlower.ops.dynamic_filter` under torch.inference_mode with the same thread count. Every
-output is checked against eager method_1; everything is timed interleaved (convlower.runner), so
-drift hits all alike. Speedups are (exported graph median) / (candidate median) and (eager
-method_1 median) / (candidate median): above 1 is faster. A second table does the same for a plain
-`F.unfold` and the Unfold variants.
+Part 1, the idiom table (`--idioms`): each dynamic-filter idiom of `convlower.models.idioms`
+(F.unfold mul+sum, Tensor.unfold, a shift loop, KPN stacked shifts, F.unfold on a 1-D signal,
+Tensor.unfold on a 1-D signal, PAC, seed 000's method_1) is exported by both torch exporters
+(TorchScript `dynamo=False` opset 17, dynamo opset 18), each with static dims and with symbolic
+batch and spatial dims, and optimized by `convlower.optimize(model, input_shapes=<profiling
+shape>, cache=None)` with the guard on, exactly as a user would. Per row: the ops the report says
+were recognized, the variants chosen, the exported and the optimized model's medians timed
+interleaved at the profiling shape (and, for symbolic exports, at a second shape the tuner never
+saw: the optimized model must not be slower there), and the max abs error against torch eager.
+Beside them, once per idiom and shape, what a user would run instead: torch eager and
+`torch.compile(module)` (compiled for that shape, compile time excluded), and the memcpy floor:
+one `np.copyto` of as many bytes as the filter op's inputs and output hold. An idiom no
+recognizer knows yet reads "not recognized", 1.00x (unchanged); an exporter that cannot export
+an idiom reads "export failed: <reason>".
+
+Part 2, the variant tables (`--variants`): seed 000's method_1 and a plain F.unfold exported by
+the dynamo exporter, lowered with each DynamicFilter / Unfold variant by `convlower.lower`, each
+checked against torch eager and timed interleaved with the graph as exported.
+
+How it measures (no candidate is favoured): onnxruntime sessions come from convlower's Runner
+(worker threads do not spin); onnxruntime candidates are timed interleaved with
+`time_interleaved` (rotating order, medians); torch runs apart, in a block after the onnxruntime
+timings (torch's OpenMP threads spin after each call and would take the cores from the next
+onnxruntime run), with the same thread count (`torch.set_num_threads`). A self-check row times the
+exported model against itself through the same harness: its ratio must read 1.00x within the
+noise figure printed beside it. Speedups are medians' ratios: above 1 is faster.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import logging
 import os
 import sys
+import time
 import warnings
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -31,10 +55,11 @@ import torch.nn.functional as F
 import convlower
 from convlower.ops import dynamic_filter
 from convlower.passes import FAMILIES
-from convlower.runner import Runner, Timing, TimingPolicy, time_interleaved
+from convlower.runner import Runner, Timing, TimingPolicy, time_calls, time_interleaved
+from convlower.tune import ORIGINAL
 from convlower.verify import compare
 
-SHAPES = [(2048, 1, 32, 32, 3), (8, 16, 64, 64, 3), (1, 64, 128, 128, 5)]
+VARIANT_SHAPES = [(2048, 1, 32, 32, 3), (8, 16, 64, 64, 3), (1, 64, 128, 128, 5)]
 
 
 class Method1(torch.nn.Module):
@@ -118,7 +143,7 @@ def compare_candidates(
     policy: TimingPolicy,
 ) -> Comparison:
     """Lower `exported` with each variant of `op`; check every candidate against the first eager
-    callable's output, and time them all interleaved."""
+    callable's output; time the onnxruntime candidates interleaved, then the torch ones apart."""
     variants = FAMILIES[op.lower()].variant_names
     exported_name = "exported graph"
     candidates: dict[str, Any] = {exported_name: runner.session(exported, what=exported_name)}
@@ -137,8 +162,13 @@ def compare_candidates(
         if not diff.passed:
             rows.append(Row(name, None, note=f"WRONG (max abs err {diff.max_abs_err:.3g})"))
             del candidates[name]
-    timings = time_interleaved(list(candidates.values()), feeds, policy)
-    timed = [Row(name, timing, c.provider) for (name, c), timing in zip(candidates.items(), timings)]
+    # onnxruntime first, torch apart after it: torch's OpenMP threads spin after each call and
+    # would steal the cores from the next onnxruntime run.
+    onnx_names = [name for name, c in candidates.items() if not isinstance(c, Eager)]
+    torch_names = [name for name, c in candidates.items() if isinstance(c, Eager)]
+    timings = dict(zip(onnx_names, time_interleaved([candidates[n] for n in onnx_names], feeds, policy)))
+    timings.update(zip(torch_names, time_interleaved([candidates[n] for n in torch_names], feeds, policy)))
+    timed = [Row(name, timings[name], c.provider) for name, c in candidates.items()]
     return Comparison(exported_name, reference, variants, timed + rows)
 
 
@@ -184,22 +214,477 @@ def table(title: str, results: dict[tuple[int, ...], Comparison]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a short timing budget per shape (a smoke run)")
-    parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="threads for onnxruntime and torch (default: all cores)")
-    args = parser.parse_args(argv)
-    threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
+# ---------------------------------------------------------------------------------------------
+# Part 1: dynamic-filter idioms as users write them, end to end through convlower.optimize
+# ---------------------------------------------------------------------------------------------
+
+Shape = tuple[int, ...]
+Feeds = dict[str, np.ndarray]
+EXPORTERS = (("TorchScript", False, 17), ("dynamo", True, 18))
+DIMS = ("static", "symbolic")
+IMAGE_AXES = {0: "batch", 2: "height", 3: "width"}
+SIGNAL_AXES = {0: "batch", 2: "time"}
+
+
+def image(shape: Shape, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """An image `[N, C, H, W]` (a FilterNet predicts its own filters from it)."""
+    return (rng.standard_normal(shape, dtype=np.float32),)
+
+
+def with_filters(filter_shape: Callable[[Shape], Shape]) -> Callable[[Shape, np.random.Generator], tuple[np.ndarray, ...]]:
+    """Inputs `(x, filters)`: x of the given shape, non-negative filters of `filter_shape(x's shape)`."""
+
+    def inputs(shape: Shape, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        return rng.standard_normal(shape, dtype=np.float32), rng.random(filter_shape(shape), dtype=np.float32)
+
+    return inputs
+
+
+@dataclass(frozen=True)
+class Idiom:
+    """One idiom: the module, its inputs at a shape, how to export it with symbolic dims, and
+    the shapes it is measured at (profiling, other; `quick` ones for smoke runs)."""
+
+    name: str
+    build: Callable[[], torch.nn.Module]
+    inputs: Callable[[Shape, np.random.Generator], tuple[np.ndarray, ...]]
+    names: tuple[str, ...]
+    symbolic_axes: tuple[dict[int, str], ...]
+    shapes: tuple[Shape, Shape]
+    quick_shapes: tuple[Shape, Shape]
+    filter_layer: Callable[[torch.nn.Module], torch.nn.Module] = lambda module: module
+    """The filter op inside the model, whose inputs' and output's bytes set the memcpy floor."""
+
+
+def _idioms() -> list[Idiom]:
+    from convlower.models.idioms import FilterNet, PixelAdaptive, StackedShifts, TensorUnfold, UnfoldSignal
+    from convlower.models.seed_filter import SeedFilter
+
+    def filter_net(idiom: str) -> Idiom:
+        # KPN-sized: 3 channels, K=5 (25 taps) at 2x3x160x160; second shape 1x3x96x128.
+        return Idiom(idiom, lambda: FilterNet(idiom, 3, 5), image, ("x",), (IMAGE_AXES,),
+                     ((2, 3, 160, 160), (1, 3, 96, 128)), ((2, 3, 24, 24), (1, 3, 16, 28)), lambda net: net.layer)
+
+    return [
+        filter_net("unfold_mul_sum"),
+        filter_net("tensor_unfold"),
+        filter_net("shift_loop"),
+        # A KPN burst: 4 frames of 3 channels, K=5 kernels per frame, channel and pixel.
+        Idiom("stacked_shifts", lambda: StackedShifts(5), with_filters(lambda s: (*s[:2], 25, *s[2:])), ("frames", "kernels"),
+              ({0: "batch", 3: "height", 4: "width"}, {0: "batch", 4: "height", 5: "width"}),
+              ((2, 4, 3, 96, 96), (1, 4, 3, 64, 80)), ((2, 2, 3, 20, 20), (1, 2, 3, 12, 16))),
+        # Audio-like: 16 channels, 16000 steps, K=9 taps per step (the same problem as tensor_unfold_1d).
+        Idiom("unfold_signal", lambda: UnfoldSignal(9), with_filters(lambda s: (s[0], 9, s[2])), ("x", "filters"),
+              (SIGNAL_AXES, SIGNAL_AXES), ((4, 16, 16000), (2, 16, 8000)), ((2, 4, 400), (1, 4, 250))),
+        Idiom("tensor_unfold_1d", lambda: TensorUnfold(1, 9), with_filters(lambda s: (s[0], 1, s[2], 9)), ("x", "filters"),
+              (SIGNAL_AXES, SIGNAL_AXES), ((4, 16, 16000), (2, 16, 8000)), ((2, 4, 400), (1, 4, 250))),
+        # pacnet-sized: 16 -> 16 channels, K=5, one kernel per pixel shared by the channels.
+        Idiom("pac", lambda: PixelAdaptive(16, 16, 5), with_filters(lambda s: (s[0], 1, 5, 5, *s[2:])), ("x", "kernel"),
+              (IMAGE_AXES, {0: "batch", 4: "height", 5: "width"}), ((2, 16, 96, 96), (1, 16, 64, 80)),
+              ((2, 16, 20, 20), (1, 16, 12, 16))),
+        # Seed 000's own shape: N=2048, C=1, 32x32, K=3.
+        Idiom("method_1", lambda: SeedFilter(3), with_filters(lambda s: (s[0], 9, *s[2:])), ("x", "filters"),
+              (IMAGE_AXES, IMAGE_AXES), ((2048, 1, 32, 32), (1024, 1, 24, 40)), ((64, 1, 16, 16), (32, 1, 12, 20))),
+    ]
+
+
+IDIOMS = {idiom.name: idiom for idiom in _idioms()}
+TARGETS = {
+    "method_1": "every method_1 row >= 15x faster than its export",
+    "tensor_unfold_1d": "optimized <= 5.8 ms at 4x16x16000 (16.7 ms as exported), measured on the lead's machine",
+}
+
+
+@dataclass
+class IdiomRow:
+    """One idiom exported by one exporter with static or symbolic dims, and what optimize made of it."""
+
+    idiom: str
+    exporter: str
+    dims: str
+    note: str = ""
+    recognized: str = ""
+    chosen: str = ""
+    unchanged: bool = True
+    max_abs_err: float | None = None
+    wrong: bool = False
+    ms: dict[Shape, tuple[float, float]] = field(default_factory=dict)
+    """Per shape timed: (exported median, optimized median)."""
+    provider: str = ""
+    """The execution provider the row's sessions really got."""
+    exported: onnx.ModelProto | None = field(default=None, repr=False)
+    optimized: onnx.ModelProto | None = field(default=None, repr=False)
+
+    def speedup(self, shape: Shape) -> float | None:
+        if shape not in self.ms:
+            return None
+        exported, optimized = self.ms[shape]
+        return exported / optimized
+
+
+@dataclass
+class Baseline:
+    """What a user would run instead, and the floor, at one shape (the same for every row)."""
+
+    op_bytes: int
+    memcpy_ms: float | None = None
+    eager_ms: float | None = None
+    compiled_ms: float | None = None
+    compile_note: str = ""
+
+
+@dataclass
+class IdiomResult:
+    idiom: Idiom
+    shapes: tuple[Shape, Shape]
+    rows: list[IdiomRow]
+    baselines: dict[Shape, Baseline]
+    self_check: tuple[Timing, Timing] | None = None
+
+
+def short(exc: BaseException, width: int = 100) -> str:
+    """The first sentence of an exception's first line, short enough for a table cell."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    text = text.split(". ")[0].replace("|", "/")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence the exporters' and the compiler's progress prints, log lines and warnings."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as devnull, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            os.dup2(devnull.fileno(), 1)  # the TorchScript exporter prints graphs from C++
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        logger.setLevel(level)
+
+
+def export_idiom(module: torch.nn.Module, args: tuple[torch.Tensor, ...], idiom: Idiom, dynamo: bool, opset: int,
+                 symbolic: bool) -> onnx.ModelProto:
+    """`module` exported as a user would: symbolic axes through `dynamic_shapes` (dynamo) or
+    `dynamic_axes` (TorchScript)."""
+    names = list(idiom.names)
+    options: dict[str, Any] = {}
+    if symbolic and dynamo:
+        dims: dict[str, Any] = {}
+        options["dynamic_shapes"] = tuple(
+            {axis: dims.setdefault(name, torch.export.Dim(name, min=2)) for axis, name in axes.items()} for axes in idiom.symbolic_axes
+        )
+    elif symbolic:
+        options["dynamic_axes"] = dict(zip(names, idiom.symbolic_axes))
+    buffer = io.BytesIO()
+    with quiet():
+        torch.onnx.export(module, args, buffer, dynamo=dynamo, opset_version=opset, input_names=names, output_names=["y"], **options)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def torch_reference(module: torch.nn.Module, idiom: Idiom, tensors: dict[Shape, tuple[torch.Tensor, ...]]
+                    ) -> tuple[dict[Shape, np.ndarray], dict[Shape, int]]:
+    """Torch eager's output at each shape, and the bytes the filter op reads and writes there."""
+    expected, op_bytes = {}, {}
+    for shape, args in tensors.items():
+        seen: list[int] = []
+        hook = idiom.filter_layer(module).register_forward_hook(
+            lambda layer, inputs, output: seen.append(
+                sum(t.nbytes for t in (*inputs, output, *layer.parameters()) if isinstance(t, torch.Tensor))
+            )
+        )
+        with torch.inference_mode():
+            expected[shape] = module(*args).numpy()
+        hook.remove()
+        op_bytes[shape] = seen[0]
+    return expected, op_bytes
+
+
+def export_rows(module: torch.nn.Module, idiom: Idiom, args: tuple[torch.Tensor, ...]) -> list[IdiomRow]:
+    """One row per exporter and static/symbolic dims, holding the exported model or why it failed."""
+    rows = []
+    for exporter, dynamo, opset in EXPORTERS:
+        for dims in DIMS:
+            row = IdiomRow(idiom.name, exporter, dims)
+            try:
+                row.exported = export_idiom(module, args, idiom, dynamo, opset, symbolic=dims == "symbolic")
+            except Exception as exc:  # noqa: BLE001 - any exporter failure is a row of the table
+                row.note = f"export failed: {short(exc)}"
+            rows.append(row)
+    return rows
+
+
+def optimize_row(row: IdiomRow, feeds: Feeds, runner: Runner) -> None:
+    """`convlower.optimize` at the profiling shape, guard on, no cache; the row records what the
+    report says was recognized and chosen."""
+    shapes = {name: array.shape for name, array in feeds.items()}
+    try:
+        result = convlower.optimize(row.exported, input_shapes=shapes, provider=runner.requested, threads=runner.threads, cache=None)
+    except Exception as exc:  # noqa: BLE001 - a failure to optimize is a row of the table
+        row.note = f"optimize failed: {short(exc)}"
+        return
+    report = result.report
+    recognized = Counter(node.op for node in report.nodes if node.recognized)
+    row.recognized = ", ".join(op + (f" x{count}" if count > 1 else "") for op, count in recognized.items()) or "not recognized"
+    lowered = [node for node in report.nodes if node.chosen != ORIGINAL]
+    row.chosen = ", ".join(sorted({f"{node.op}={node.chosen}" for node in lowered})) or "-"
+    row.unchanged = not lowered
+    reverted = [node.reason for node in report.nodes if node.name in report.reverted and node.reason]
+    if reverted:
+        row.note = f"guard: {reverted[0]}"
+    row.optimized = result.model
+
+
+def check_row(row: IdiomRow, feeds: dict[Shape, Feeds], expected: dict[Shape, np.ndarray], runner: Runner) -> None:
+    """Max abs error of the optimized model against torch eager, at every shape the row is timed at."""
+    session = runner.session(row.optimized)
+    for shape in row_shapes(row, list(feeds)):
+        diff = compare("y", expected[shape], session.run(feeds[shape])[0], None, None)
+        row.max_abs_err = max(row.max_abs_err or 0.0, diff.max_abs_err)
+        row.wrong |= not diff.passed
+
+
+def row_shapes(row: IdiomRow, shapes: list[Shape]) -> list[Shape]:
+    """Static rows run at the profiling shape only; symbolic ones at both."""
+    return shapes if row.dims == "symbolic" else shapes[:1]
+
+
+def time_row(row: IdiomRow, feeds: dict[Shape, Feeds], runner: Runner, policy: TimingPolicy) -> None:
+    """The exported and the optimized model timed interleaved at each of the row's shapes (the
+    exported one alone when optimize left the model unchanged)."""
+    sessions = [runner.session(row.exported)] + ([] if row.unchanged else [runner.session(row.optimized)])
+    row.provider = sessions[-1].provider
+    for shape in row_shapes(row, list(feeds)):
+        timings = time_interleaved(sessions, feeds[shape], policy)
+        row.ms[shape] = (timings[0].median_ms, timings[-1].median_ms)
+
+
+def time_memcpy(nbytes: int, policy: TimingPolicy) -> float:
+    """One np.copyto of `nbytes` between preallocated arrays: the floor of any implementation
+    that reads the op's inputs and writes its output once."""
+    source = np.ones(max(nbytes // 4, 1), dtype=np.float32)
+    target = np.zeros_like(source)
+    return time_calls([lambda: np.copyto(target, source)], policy)[0].median_ms
+
+
+def time_torch(module: torch.nn.Module, args: tuple[torch.Tensor, ...], policy: TimingPolicy, compile_it: bool,
+               baseline: Baseline) -> None:
+    """Torch eager and `torch.compile(module)` (compiled afresh for this shape, warmed up first,
+    so compile time is excluded), timed interleaved with each other."""
+    calls: list[Callable[[], object]] = [lambda: module(*args)]
+    with torch.inference_mode():
+        if compile_it:
+            torch._dynamo.reset()
+            compiled = torch.compile(module)
+            try:
+                with quiet():
+                    compiled(*args)
+                calls.append(lambda: compiled(*args))
+            except Exception as exc:  # noqa: BLE001 - a failure to compile is a cell of the table
+                baseline.compile_note = f"compile failed: {short(exc, 40)}"
+        else:
+            baseline.compile_note = "skipped"
+        timings = time_calls(calls, policy)
+    baseline.eager_ms = timings[0].median_ms
+    if len(timings) > 1:
+        baseline.compiled_ms = timings[1].median_ms
+
+
+def bench_idiom(idiom: Idiom, runner: Runner, policy: TimingPolicy, *, quick: bool, compile_it: bool,
+                self_check: bool) -> IdiomResult:
+    """Export, optimize, check and time one idiom: torch work first (reference, exports), then
+    onnxruntime (optimize, checks, interleaved timings, the self-check, memcpy), torch timings last."""
+    torch.manual_seed(0)
+    module = idiom.build().eval()
+    shapes = idiom.quick_shapes if quick else idiom.shapes
+    rng = np.random.default_rng(0)
+    feeds = {shape: dict(zip(idiom.names, idiom.inputs(shape, rng))) for shape in shapes}
+    tensors = {shape: tuple(torch.from_numpy(array) for array in f.values()) for shape, f in feeds.items()}
+    expected, op_bytes = torch_reference(module, idiom, tensors)
+    rows = export_rows(module, idiom, tensors[shapes[0]])
+
+    ready = [row for row in rows if row.exported is not None]
+    for row in ready:
+        optimize_row(row, feeds[shapes[0]], runner)
+    ready = [row for row in ready if row.optimized is not None]
+    for row in ready:
+        check_row(row, feeds, expected, runner)
+    for row in ready:
+        time_row(row, feeds, runner, policy)
+    result = IdiomResult(idiom, shapes, rows, {shape: Baseline(op_bytes[shape]) for shape in shapes})
+    if self_check and ready:
+        same = [runner.session(ready[0].exported) for _ in range(2)]
+        result.self_check = tuple(time_interleaved(same, feeds[shapes[0]], policy))  # type: ignore[assignment]
+    for shape, baseline in result.baselines.items():
+        baseline.memcpy_ms = time_memcpy(baseline.op_bytes, policy)
+    for shape, baseline in result.baselines.items():
+        time_torch(module, tensors[shape], policy, compile_it, baseline)
+    return result
+
+
+def ratio_cell(speedup: float | None, unchanged: bool, noise: float) -> str:
+    if speedup is None:
+        return "-"
+    flag = " (unchanged)" if unchanged else (" SLOWER" if speedup < 1 - noise else "")
+    return f"{speedup:.2f}x{flag}"
+
+
+def ms_cell(value: float | None, note: str = "") -> str:
+    return f"{value:.2f}" if value is not None else (note or "-")
+
+
+def shape_text(shape: Shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def idiom_table(results: list[IdiomResult], noise: float) -> tuple[list[str], list[list[str]]]:
+    """One line per idiom x exporter x dims, at the profiling shape (plus the symbolic rows'
+    speedup at the other shape); torch and the floor at the profiling shape beside them."""
+    header = ["idiom", "shape", "exporter", "dims", "recognized", "variants chosen", "exported ms", "optimized ms",
+              "speedup", "speedup @ other shape", "max abs err", "torch eager ms", "torch.compile ms", "memcpy floor ms"]
+    lines = []
+    for result in results:
+        profile, other = result.shapes
+        base = result.baselines[profile]
+        torch_cells = [ms_cell(base.eager_ms), ms_cell(base.compiled_ms, base.compile_note), ms_cell(base.memcpy_ms)]
+        for row in result.rows:
+            label = [row.idiom, shape_text(profile), row.exporter, row.dims]
+            if profile not in row.ms:
+                lines.append(label + [row.note or "-", "-", "-", "-", "-", "-", "-"] + torch_cells)
+                continue
+            exported, optimized = row.ms[profile]
+            chosen = row.chosen + (f" ({row.note})" if row.note else "")
+            error = f"{row.max_abs_err:.1e}" + (" WRONG" if row.wrong else "")
+            lines.append(label + [
+                row.recognized, chosen, ms_cell(exported), ms_cell(optimized),
+                ratio_cell(row.speedup(profile), row.unchanged, noise),
+                ratio_cell(row.speedup(other), row.unchanged, noise) if row.dims == "symbolic" else "",
+                error,
+            ] + torch_cells)
+    return header, lines
+
+
+def shape_table(results: list[IdiomResult]) -> tuple[list[str], list[list[str]]]:
+    """Per idiom and shape: the best optimized model beside torch eager, torch.compile and the floor."""
+    header = ["idiom", "shape", "op MB", "memcpy floor ms", "torch eager ms", "torch.compile ms", "best optimized ms",
+              "best of", "vs eager", "vs compile", "floor / best"]
+    lines = []
+    for result in results:
+        for shape, base in result.baselines.items():
+            timed = [(row.ms[shape][1], f"{row.exporter} {row.dims}") for row in result.rows if shape in row.ms and not row.wrong]
+            best, who = min(timed) if timed else (None, "-")
+            lines.append([
+                result.idiom.name, shape_text(shape), f"{base.op_bytes / 2**20:.1f}", ms_cell(base.memcpy_ms),
+                ms_cell(base.eager_ms), ms_cell(base.compiled_ms, base.compile_note), ms_cell(best), who,
+                *(f"{ref / best:.2f}x" if ref and best else "-" for ref in (base.eager_ms, base.compiled_ms)),
+                f"{base.memcpy_ms / best:.2f}" if best and base.memcpy_ms else "-",
+            ])
+    return header, lines
+
+
+def render(header: list[str], lines: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        rule = ["---" if i < 6 else "---:" for i in range(len(header))]
+        return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, rule, *lines])
+    widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
+    text = [" ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip() for cells in [header, *lines]]
+    return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
+
+
+def self_check_line(results: list[IdiomResult]) -> tuple[str, float]:
+    """The exported model against itself: its ratio, and the noise figure (half the wider p10-p90
+    spread of the two) that every ratio in the table should be read against."""
+    checked = next((r for r in results if r.self_check), None)
+    if checked is None:
+        return "self-check: not run (nothing exported)", 0.0
+    first, second = checked.self_check  # type: ignore[misc]
+    ratio = first.median_ms / second.median_ms
+    noise = max(first.spread, second.spread) / 2
+    verdict = "within noise" if abs(ratio - 1) <= noise else "OUTSIDE the noise: the machine is not quiet"
+    return (f"self-check: {checked.idiom.name}'s exported model ({checked.rows[0].exporter}) timed against itself: "
+            f"{ratio:.2f}x; noise ±{noise:.1%} (half the p10-p90 spread); {verdict}"), noise
+
+
+def target_lines(results: list[IdiomResult], quick: bool) -> list[str]:
+    lines = []
+    for result in results:
+        target = TARGETS.get(result.idiom.name)
+        if target is None:
+            continue
+        profile = result.shapes[0]
+        timed = [row for row in result.rows if profile in row.ms]
+        if result.idiom.name == "method_1":
+            got = ", ".join(f"{row.exporter} {row.dims} {row.speedup(profile):.1f}x" for row in timed)
+            met = bool(timed) and all((row.speedup(profile) or 0) >= 15 for row in timed)
+        else:
+            best = min((row.ms[profile][1] for row in timed), default=None)
+            got = f"best optimized {ms_cell(best)} ms"
+            met = best is not None and best <= 5.8
+        verdict = "not judged (--quick shapes)" if quick else ("met" if met else "NOT met")
+        lines.append(f"target {result.idiom.name}: {target}: {got or 'nothing timed'}: {verdict}")
+    return lines
+
+
+def idiom_report(results: list[IdiomResult], runner: Runner, threads: int, quick: bool) -> tuple[str, str]:
+    """The idiom part as terminal text and as markdown."""
+    check, noise = self_check_line(results)
+    providers = sorted({row.provider for r in results for row in r.rows if row.provider}) or [runner.provider]
+    about = (f"onnxruntime {onnxruntime.__version__} on {', '.join(providers)} (the provider that ran); torch {torch.__version__} "
+             f"eager and torch.compile on CPU; device: {runner.device}; threads: {threads} (onnxruntime intra-op and "
+             f"torch.set_num_threads)")
+    notes = [about, check, *target_lines(results, quick)]
+    if quick:
+        notes.insert(0, "QUICK SMOKE RUN: small shapes, tiny timing budgets: the numbers mean nothing.")
+    tables = [idiom_table(results, noise), shape_table(results)]
+    text = "\n\n".join(render(h, lines, False) for h, lines in tables) + "\n" + "\n".join(notes)
+    titles = ["### Dynamic-filter idioms end to end (profiling shape)", "### Per idiom and shape: torch and the floor"]
+    markdown = "\n\n".join(f"{title}\n\n{render(h, lines, True)}" for title, (h, lines) in zip(titles, tables))
+    return text, markdown + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def run_idioms(args: argparse.Namespace, runner: Runner, threads: int) -> None:
+    policy = (
+        TimingPolicy(warmup=1, min_runs=3, max_runs=6, budget_s=0.2)
+        if args.quick
+        else TimingPolicy(warmup=2, min_runs=15, max_runs=200, budget_s=2.0, stable_within=0.01)
+    )
+    names = args.only.split(",") if args.only else list(IDIOMS)
+    unknown = [name for name in names if name not in IDIOMS]
+    if unknown:
+        raise SystemExit(f"unknown idiom {unknown[0]!r}; choose from {', '.join(IDIOMS)}")
+    started = time.perf_counter()
+    results = []
+    for name in names:
+        results.append(bench_idiom(IDIOMS[name], runner, policy, quick=args.quick, compile_it=not args.no_compile,
+                                   self_check=not results))
+        print(f"  {name} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    text, markdown = idiom_report(results, runner, threads, args.quick)
+    print(text)
+    if args.markdown:
+        path = Path(args.markdown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(markdown)
+        print(f"wrote {path}")
+
+
+def run_variants(args: argparse.Namespace, runner: Runner, threads: int) -> None:
     policy = (
         TimingPolicy(warmup=1, min_runs=5, max_runs=10, budget_s=0.5)
         if args.quick
         else TimingPolicy(warmup=3, min_runs=20, max_runs=200, budget_s=20.0, stable_within=0.01)
     )
-    runner = Runner(args.provider, threads)
     filters, unfolds = {}, {}
-    for shape in SHAPES:
+    for shape in VARIANT_SHAPES:
         filters[shape] = bench_dynamic_filter(shape, runner, policy)
         unfolds[shape] = bench_unfold(shape, runner, policy)
         print(f"  {shape} done", file=sys.stderr)
@@ -210,6 +695,28 @@ def main(argv: list[str] | None = None) -> int:
     ran = sorted({r.provider for c in comparisons for r in c.rows if r.timing is not None and r.provider != Eager.provider})
     print(f"onnxruntime {onnxruntime.__version__}, providers that ran: {', '.join(ran)}; torch {torch.__version__} eager on CPU; "
           f"device: {runner.device}; threads: {threads} (onnxruntime intra-op and torch)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    part = parser.add_mutually_exclusive_group()
+    part.add_argument("--idioms", action="store_true", help="only part 1, the idiom table")
+    part.add_argument("--variants", action="store_true", help="only part 2, the variant tables")
+    parser.add_argument("--only", help=f"idioms to run, comma-separated (default all: {','.join(IDIOMS)})")
+    parser.add_argument("--quick", action="store_true", help="small shapes and tiny timing budgets: a smoke run")
+    parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="threads for onnxruntime and torch (default 2)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (each compile takes 10-30 s)")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the idiom tables as markdown to PATH")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    runner = Runner(args.provider, args.threads)
+    if not args.variants:
+        run_idioms(args, runner, args.threads)
+    if not args.idioms:
+        if not args.variants:
+            print()
+        run_variants(args, runner, args.threads)
     return 0
 
 
