@@ -38,6 +38,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -246,6 +247,7 @@ class Idiom:
     the shapes it is measured at (profiling, other; `quick` ones for smoke runs)."""
 
     name: str
+    about: str
     build: Callable[[], torch.nn.Module]
     inputs: Callable[[Shape, np.random.Generator], tuple[np.ndarray, ...]]
     names: tuple[str, ...]
@@ -260,30 +262,31 @@ def _idioms() -> list[Idiom]:
     from convlower.models.idioms import FilterNet, PixelAdaptive, StackedShifts, TensorUnfold, UnfoldSignal
     from convlower.models.seed_filter import SeedFilter
 
-    def filter_net(idiom: str) -> Idiom:
-        # KPN-sized: 3 channels, K=5 (25 taps) at 2x3x160x160; second shape 1x3x96x128.
-        return Idiom(idiom, lambda: FilterNet(idiom, 3, 5), image, ("x",), (IMAGE_AXES,),
+    def filter_net(idiom: str, layer: str) -> Idiom:
+        about = f"FilterNet: a 3x3 conv predicts 5x5 softmax filters from the image x [N, 3, H, W]; the filter layer: {layer}"
+        return Idiom(idiom, about, lambda: FilterNet(idiom, 3, 5), image, ("x",), (IMAGE_AXES,),
                      ((2, 3, 160, 160), (1, 3, 96, 128)), ((2, 3, 24, 24), (1, 3, 16, 28)), lambda net: net.layer)
 
     return [
-        filter_net("unfold_mul_sum"),
-        filter_net("tensor_unfold"),
-        filter_net("shift_loop"),
-        # A KPN burst: 4 frames of 3 channels, K=5 kernels per frame, channel and pixel.
-        Idiom("stacked_shifts", lambda: StackedShifts(5), with_filters(lambda s: (*s[:2], 25, *s[2:])), ("frames", "kernels"),
+        filter_net("unfold_mul_sum", "F.unfold(x).view(..) * filters, .sum(2)"),
+        filter_net("tensor_unfold", "F.pad(x).unfold(2, 5, 1).unfold(3, 5, 1) * filters, summed"),
+        filter_net("shift_loop", "a Python loop over 25 padded slices times filter channels, added up"),
+        Idiom("stacked_shifts", "StackedShifts (KPN burst): frames [B, F, C, H, W] (4 frames of 3 channels), 25 shifted "
+              "slices stacked, times kernels [B, F, 25, C, H, W], summed", lambda: StackedShifts(5), with_filters(lambda s: (*s[:2], 25, *s[2:])), ("frames", "kernels"),
               ({0: "batch", 3: "height", 4: "width"}, {0: "batch", 4: "height", 5: "width"}),
               ((2, 4, 3, 96, 96), (1, 4, 3, 64, 80)), ((2, 2, 3, 20, 20), (1, 2, 3, 12, 16))),
-        # Audio-like: 16 channels, 16000 steps, K=9 taps per step (the same problem as tensor_unfold_1d).
-        Idiom("unfold_signal", lambda: UnfoldSignal(9), with_filters(lambda s: (s[0], 9, s[2])), ("x", "filters"),
+        Idiom("unfold_signal", "UnfoldSignal: F.unfold on x [N, C, T] viewed as [N, C, 1, T], times filters [N, 9, T], "
+              "summed (16 channels, 16000 steps)", lambda: UnfoldSignal(9), with_filters(lambda s: (s[0], 9, s[2])), ("x", "filters"),
               (SIGNAL_AXES, SIGNAL_AXES), ((4, 16, 16000), (2, 16, 8000)), ((2, 4, 400), (1, 4, 250))),
-        Idiom("tensor_unfold_1d", lambda: TensorUnfold(1, 9), with_filters(lambda s: (s[0], 1, s[2], 9)), ("x", "filters"),
+        Idiom("tensor_unfold_1d", "TensorUnfold rank 1: F.pad(x).unfold(2, 9, 1) on x [N, C, T], times filters "
+              "[N, 1, T, 9], summed", lambda: TensorUnfold(1, 9), with_filters(lambda s: (s[0], 1, s[2], 9)), ("x", "filters"),
               (SIGNAL_AXES, SIGNAL_AXES), ((4, 16, 16000), (2, 16, 8000)), ((2, 4, 400), (1, 4, 250))),
-        # pacnet-sized: 16 -> 16 channels, K=5, one kernel per pixel shared by the channels.
-        Idiom("pac", lambda: PixelAdaptive(16, 16, 5), with_filters(lambda s: (s[0], 1, 5, 5, *s[2:])), ("x", "kernel"),
+        Idiom("pac", "PixelAdaptive (pacnet's pacconv2d): x [N, 16, H, W], a given per-pixel kernel [N, 1, 5, 5, H, W], "
+              "16 output channels", lambda: PixelAdaptive(16, 16, 5), with_filters(lambda s: (s[0], 1, 5, 5, *s[2:])), ("x", "kernel"),
               (IMAGE_AXES, {0: "batch", 4: "height", 5: "width"}), ((2, 16, 96, 96), (1, 16, 64, 80)),
               ((2, 16, 20, 20), (1, 16, 12, 16))),
-        # Seed 000's own shape: N=2048, C=1, 32x32, K=3.
-        Idiom("method_1", lambda: SeedFilter(3), with_filters(lambda s: (s[0], 9, *s[2:])), ("x", "filters"),
+        Idiom("method_1", "seed 000's method_1 (SeedFilter): F.unfold + view + einsum, x [N, 1, H, W], filters "
+              "[N, 9, H, W], K=3, at seed 000's shape", lambda: SeedFilter(3), with_filters(lambda s: (s[0], 9, *s[2:])), ("x", "filters"),
               (IMAGE_AXES, IMAGE_AXES), ((2048, 1, 32, 32), (1024, 1, 24, 40)), ((64, 1, 16, 16), (32, 1, 12, 20))),
     ]
 
@@ -340,12 +343,20 @@ class IdiomResult:
     rows: list[IdiomRow]
     baselines: dict[Shape, Baseline]
     self_check: tuple[Timing, Timing] | None = None
+    stages: dict[str, float] = field(default_factory=dict)
+    """Seconds spent exporting, optimizing, timing onnxruntime, timing torch."""
 
 
-def short(exc: BaseException, width: int = 100) -> str:
-    """The first sentence of an exception's first line, short enough for a table cell."""
-    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    text = text.split(". ")[0].replace("|", "/")
+def short(exc: BaseException, width: int = 120) -> str:
+    """An exception's first line, without onnxruntime's source location, cut after the first
+    sentence that says something (40 characters or more), short enough for a table cell."""
+    line = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    line = re.sub(r"\[ONNXRuntimeError\][^)]*\)\s*(This is an invalid model\.\s*)?", "", line).replace("|", "/")
+    text = ""
+    for sentence in line.split(". "):
+        text = f"{text}. {sentence}" if text else sentence
+        if len(text) >= 40:
+            break
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -429,7 +440,9 @@ def optimize_row(row: IdiomRow, feeds: Feeds, runner: Runner) -> None:
     report says was recognized and chosen."""
     shapes = {name: array.shape for name, array in feeds.items()}
     try:
-        result = convlower.optimize(row.exported, input_shapes=shapes, provider=runner.requested, threads=runner.threads, cache=None)
+        with quiet():  # graphsurgeon warns about the tensors recognizers rename
+            result = convlower.optimize(row.exported, input_shapes=shapes, provider=runner.requested, threads=runner.threads,
+                                        cache=None)
     except Exception as exc:  # noqa: BLE001 - a failure to optimize is a row of the table
         row.note = f"optimize failed: {short(exc)}"
         return
@@ -493,7 +506,7 @@ def time_torch(module: torch.nn.Module, args: tuple[torch.Tensor, ...], policy: 
             except Exception as exc:  # noqa: BLE001 - a failure to compile is a cell of the table
                 baseline.compile_note = f"compile failed: {short(exc, 40)}"
         else:
-            baseline.compile_note = "skipped"
+            baseline.compile_note = "not run"
         timings = time_calls(calls, policy)
     baseline.eager_ms = timings[0].median_ms
     if len(timings) > 1:
@@ -504,6 +517,7 @@ def bench_idiom(idiom: Idiom, runner: Runner, policy: TimingPolicy, *, quick: bo
                 self_check: bool) -> IdiomResult:
     """Export, optimize, check and time one idiom: torch work first (reference, exports), then
     onnxruntime (optimize, checks, interleaved timings, the self-check, memcpy), torch timings last."""
+    clock = Stopwatch()
     torch.manual_seed(0)
     module = idiom.build().eval()
     shapes = idiom.quick_shapes if quick else idiom.shapes
@@ -512,6 +526,8 @@ def bench_idiom(idiom: Idiom, runner: Runner, policy: TimingPolicy, *, quick: bo
     tensors = {shape: tuple(torch.from_numpy(array) for array in f.values()) for shape, f in feeds.items()}
     expected, op_bytes = torch_reference(module, idiom, tensors)
     rows = export_rows(module, idiom, tensors[shapes[0]])
+    result = IdiomResult(idiom, shapes, rows, {shape: Baseline(op_bytes[shape]) for shape in shapes})
+    clock.lap("export")
 
     ready = [row for row in rows if row.exported is not None]
     for row in ready:
@@ -519,17 +535,34 @@ def bench_idiom(idiom: Idiom, runner: Runner, policy: TimingPolicy, *, quick: bo
     ready = [row for row in ready if row.optimized is not None]
     for row in ready:
         check_row(row, feeds, expected, runner)
+    clock.lap("optimize")
     for row in ready:
         time_row(row, feeds, runner, policy)
-    result = IdiomResult(idiom, shapes, rows, {shape: Baseline(op_bytes[shape]) for shape in shapes})
     if self_check and ready:
         same = [runner.session(ready[0].exported) for _ in range(2)]
         result.self_check = tuple(time_interleaved(same, feeds[shapes[0]], policy))  # type: ignore[assignment]
     for shape, baseline in result.baselines.items():
         baseline.memcpy_ms = time_memcpy(baseline.op_bytes, policy)
+    clock.lap("onnxruntime timing")
     for shape, baseline in result.baselines.items():
-        time_torch(module, tensors[shape], policy, compile_it, baseline)
+        # --quick compiles at the profiling shape only: each compile takes 10-30 s here
+        time_torch(module, tensors[shape], policy, compile_it and not (quick and shape != shapes[0]), baseline)
+    clock.lap("torch timing")
+    result.stages = clock.laps
     return result
+
+
+class Stopwatch:
+    """Seconds spent in each stage, for the progress lines."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = now - self.last
+        self.last = now
 
 
 def ratio_cell(speedup: float | None, unchanged: bool, noise: float) -> str:
@@ -622,17 +655,25 @@ def target_lines(results: list[IdiomResult], quick: bool) -> list[str]:
         if target is None:
             continue
         profile = result.shapes[0]
-        timed = [row for row in result.rows if profile in row.ms]
         if result.idiom.name == "method_1":
-            got = ", ".join(f"{row.exporter} {row.dims} {row.speedup(profile):.1f}x" for row in timed)
-            met = bool(timed) and all((row.speedup(profile) or 0) >= 15 for row in timed)
+            speedups = [row.speedup(profile) for row in result.rows]
+            got = ", ".join(f"{row.exporter} {row.dims} " + (f"{s:.1f}x" if s else "not timed") for row, s in zip(result.rows, speedups))
+            met = all(s is not None and s >= 15 for s in speedups)
         else:
-            best = min((row.ms[profile][1] for row in timed), default=None)
+            best = min((row.ms[profile][1] for row in result.rows if profile in row.ms), default=None)
             got = f"best optimized {ms_cell(best)} ms"
             met = best is not None and best <= 5.8
         verdict = "not judged (--quick shapes)" if quick else ("met" if met else "NOT met")
-        lines.append(f"target {result.idiom.name}: {target}: {got or 'nothing timed'}: {verdict}")
+        lines.append(f"target {result.idiom.name}: {target}: {got}: {verdict}")
     return lines
+
+
+COLUMNS = (
+    "speedup = exported median / optimized median, timed interleaved (> 1: faster); speedup @ other shape: symbolic "
+    "exports only, at the second shape, which the tuner never saw; max abs err: optimized vs torch eager at every shape "
+    "the row runs at; torch.compile: compiled afresh for each shape, compile time excluded; memcpy floor: one np.copyto "
+    "of as many bytes as the filter op's inputs and output hold; floor / best: how close the best model is to it"
+)
 
 
 def idiom_report(results: list[IdiomResult], runner: Runner, threads: int, quick: bool) -> tuple[str, str]:
@@ -642,9 +683,10 @@ def idiom_report(results: list[IdiomResult], runner: Runner, threads: int, quick
     about = (f"onnxruntime {onnxruntime.__version__} on {', '.join(providers)} (the provider that ran); torch {torch.__version__} "
              f"eager and torch.compile on CPU; device: {runner.device}; threads: {threads} (onnxruntime intra-op and "
              f"torch.set_num_threads)")
-    notes = [about, check, *target_lines(results, quick)]
+    notes = [about, COLUMNS, check, *target_lines(results, quick)]
     if quick:
         notes.insert(0, "QUICK SMOKE RUN: small shapes, tiny timing budgets: the numbers mean nothing.")
+    notes += [f"{r.idiom.name}: {r.idiom.about}" for r in results]
     tables = [idiom_table(results, noise), shape_table(results)]
     text = "\n\n".join(render(h, lines, False) for h, lines in tables) + "\n" + "\n".join(notes)
     titles = ["### Dynamic-filter idioms end to end (profiling shape)", "### Per idiom and shape: torch and the floor"]
@@ -667,7 +709,8 @@ def run_idioms(args: argparse.Namespace, runner: Runner, threads: int) -> None:
     for name in names:
         results.append(bench_idiom(IDIOMS[name], runner, policy, quick=args.quick, compile_it=not args.no_compile,
                                    self_check=not results))
-        print(f"  {name} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in results[-1].stages.items())
+        print(f"  {name} done ({stages}; {time.perf_counter() - started:.0f} s in all)", file=sys.stderr)
     text, markdown = idiom_report(results, runner, threads, args.quick)
     print(text)
     if args.markdown:
