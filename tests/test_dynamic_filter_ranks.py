@@ -320,3 +320,102 @@ def test_unfold_variants_keep_the_nonfinite_pattern(window: SlidingWindow, varia
     result = lowered(model, "Unfold", variant)
     assert result is not None
     assert_same_nonfinite(run(result, {"x": x})[0], expected, variant)
+
+
+# --- the torch op, export, lower, inspect and optimize at every rank -------------------------------------
+
+torch = pytest.importorskip("torch")
+ops = pytest.importorskip("convlower.ops")
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning:torch"),
+    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
+
+
+class Filter(torch.nn.Module):
+    """One dynamic filter with 'same' padding, so the filters' spatial dims are the input's."""
+
+    def __init__(self, kernel: tuple[int, ...], dilation: int = 1) -> None:
+        super().__init__()
+        self.kernel, self.dilation = kernel, dilation
+
+    def forward(self, x, filters):
+        return ops.dynamic_filter(x, filters, self.kernel, dilation=self.dilation)
+
+
+RANK_MODULES = {
+    1: (Filter((5,), dilation=2), 3, 3),  # audio features: X [N, C, T], one filter per channel, per timestep
+    2: (Filter((3, 2)), 4, 2),
+    3: (Filter((3, 2, 3)), 4, 1),  # video: X [N, C, D, H, W]
+}
+"""Per rank: the module, C and G."""
+SPATIAL_NAMES = {1: ("time",), 2: ("height", "width"), 3: ("depth", "height", "width")}
+
+
+def rank_inputs(rank: int, batch: int, spatial: tuple[int, ...], seed: int = 0) -> tuple:
+    module, channels, groups = RANK_MODULES[rank]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, channels, *spatial)).astype(np.float32)
+    f = rng.standard_normal((batch, groups, int(np.prod(module.kernel)), *spatial)).astype(np.float32)
+    return x, f
+
+
+def same_window(rank: int) -> SlidingWindow:
+    """The window of RANK_MODULES[rank], written out from torch's 'same' rule (odd remainder at the end)."""
+    module = RANK_MODULES[rank][0]
+    total = [(k - 1) * module.dilation for k in module.kernel]
+    pads = tuple(t // 2 for t in total) + tuple(t - t // 2 for t in total)
+    return SlidingWindow(module.kernel, (1,) * rank, (module.dilation,) * rank, pads)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_the_torch_op_matches_the_oracle_at_every_rank(rank: int) -> None:
+    x, f = rank_inputs(rank, 2, (6, 5, 4)[:rank])
+    module = RANK_MODULES[rank][0]
+    got = module(torch.from_numpy(x), torch.from_numpy(f)).numpy()
+    np.testing.assert_allclose(got, filter_oracle(x, f, same_window(rank)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_export_keeps_symbolic_dims_and_every_variant_runs_at_two_sizes(rank: int, dynamo: bool) -> None:
+    module = RANK_MODULES[rank][0].eval()
+    names = SPATIAL_NAMES[rank]
+    axes = {"x": {2 + i: n for i, n in enumerate(names)}, "filters": {3 + i: n for i, n in enumerate(names)}}
+    sizes = [(2, (9, 7, 6)[:rank]), (3, (5, 8, 4)[:rank])]
+    example = tuple(torch.from_numpy(a) for a in rank_inputs(rank, *sizes[0]))
+    model = convlower.export(module, example, dynamo=dynamo, dynamic_batch=True, dynamic_axes=axes)
+    assert [(n.domain, n.op_type) for n in model.graph.node] == [(DOMAIN, "DynamicFilter")]
+    x_dims = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert x_dims == ["batch", "", *names]
+    lowered_models = {"function body": model}
+    for variant in FILTER_VARIANTS:
+        lowered_models[variant] = lowered(model, "DynamicFilter", variant)
+        assert lowered_models[variant] is not None, variant
+    for seed, (batch, spatial) in enumerate(sizes):
+        x, f = rank_inputs(rank, batch, spatial, seed)
+        expected = filter_oracle(x, f, same_window(rank))
+        for what, candidate in lowered_models.items():
+            (got,) = run(candidate, {"x": x, "filters": f})
+            np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4, err_msg=what)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_inspect_and_optimize_handle_rank_1_and_rank_3_models(rank: int) -> None:
+    module = RANK_MODULES[rank][0].eval()
+    spatial = (12, 6, 5)[:rank]
+    x, f = rank_inputs(rank, 2, spatial)
+    model = convlower.export(module, (torch.from_numpy(x), torch.from_numpy(f)), dynamo=True)
+    (info,) = convlower.inspect_model(model)
+    assert info.op == "DynamicFilter" and info.reason is None
+    assert tuple(info.spec["in_spatial"]) == spatial and tuple(info.spec["window"]["kernel_shape"]) == module.kernel
+    assert info.variants == {v: None for v in FILTER_VARIANTS}
+    result = convlower.optimize(model, guard=False, cache=None)
+    (node,) = result.report.nodes
+    assert node.op == "DynamicFilter"
+    assert {name: entry["status"] for name, entry in node.variants.items()} == {v: "ok" for v in FILTER_VARIANTS}
+    (got,) = run(result.model, {"x": x, "filters": f})
+    np.testing.assert_allclose(got, filter_oracle(x, f, same_window(rank)), atol=1e-4, rtol=1e-4)
