@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx.reference import ReferenceEvaluator
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +25,7 @@ from tests.helpers import run, single_node_model
 
 FILTER_VARIANTS = FAMILIES["dynamicfilter"].variant_names
 UNFOLD_VARIANTS = FAMILIES["unfold"].variant_names
-ELEM_TYPES = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float64): onnx.TensorProto.DOUBLE}
+ELEM_TYPES = {np.dtype(np.float16): onnx.TensorProto.FLOAT16, np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float64): onnx.TensorProto.DOUBLE}
 TOLERANCES = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
 
 
@@ -142,7 +143,7 @@ def lowered(model: onnx.ModelProto, op: str, variant: str) -> onnx.ModelProto | 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
 @pytest.mark.parametrize("variant", FILTER_VARIANTS)
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(data=st.data())
 def test_every_filter_variant_matches_the_oracle(rank: int, variant: str, data: st.DataObject) -> None:
     window, x_shape, groups, dtype = data.draw(filter_cases(rank))
@@ -162,7 +163,7 @@ def test_every_filter_variant_matches_the_oracle(rank: int, variant: str, data: 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
 @pytest.mark.parametrize("variant", UNFOLD_VARIANTS)
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(data=st.data())
 def test_every_unfold_variant_matches_the_oracle(rank: int, variant: str, data: st.DataObject) -> None:
     window, spatial = data.draw(windows(rank))
@@ -178,6 +179,32 @@ def test_every_unfold_variant_matches_the_oracle(rank: int, variant: str, data: 
         return
     assert outcome.variant == variant, outcome.reason
     np.testing.assert_allclose(run(result.model, {"x": x})[0], expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_variants_in_float16_on_onnxruntime_and_onnx_reference(rank: int) -> None:
+    """float16 end to end: every variant that applies runs on onnxruntime and on onnx.reference
+    (an independent evaluator of the lowered graph) within float16 rounding of the float32 oracle."""
+    window = SYMBOLIC_WINDOWS[rank]
+    spatial = SIZES[rank][0][1:]
+    x32, f32 = random_filter_inputs(window, (2, 4, *spatial), 2, np.dtype(np.float32))
+    x, f = x32.astype(np.float16), f32.astype(np.float16)
+    cases = [
+        ("DynamicFilter", FILTER_VARIANTS, filter_model(x.shape, f.shape, window, np.dtype(np.float16)), {"x": x, "f": f},
+         filter_oracle(x.astype(np.float32), f.astype(np.float32), window)),
+        ("Unfold", UNFOLD_VARIANTS, unfold_model(x.shape, window, np.dtype(np.float16)), {"x": x}, unfold_oracle(x, window)),
+    ]
+    for op, variants, model, feeds, expected in cases:
+        for variant in variants:
+            result = convlower.lower(model, [f"{op}={variant}"])
+            (outcome,) = result.nodes
+            if variant == "conv_unfold":
+                assert outcome.variant is None and "float32 only" in outcome.reason
+                continue
+            for runtime, got in (("onnxruntime", run(result.model, feeds)[0]),
+                                 ("onnx.reference", ReferenceEvaluator(result.model).run(None, feeds)[0])):
+                assert got.dtype == np.float16, (op, variant, runtime)
+                np.testing.assert_allclose(got.astype(np.float32), expected, atol=2e-2, rtol=1e-2, err_msg=f"{op} {variant} {runtime}")
 
 
 # --- symbolic batch and spatial dims ---------------------------------------------------------------------
