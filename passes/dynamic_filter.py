@@ -11,6 +11,12 @@ for X `[N, C, *S]`, F `[N, G, K, *S_out]` and Y `[N, C, *S_out]`. Written as unf
 magnitude faster. The variants here are those formulations; `shift_sum` is also the body of the
 op's model-local function, since it runs for any shape.
 
+Every variant works at spatial ranks 1 to 3 (and more) and with symbolic batch and spatial dims
+(and symbolic C and G, except `conv_unfold`, whose identity kernel has C groups): what a
+Reshape target or a Gather index needs of an unknown dim is read off `Shape` at run time. Every
+variant keeps the definition's NaN and ±inf pattern: ±inf or NaN in X or F gives exactly the
+outputs that the sum of products gives (see `bounded` for how `conv_unfold` does).
+
 The building blocks (padding, shifted slices, gathered windows, identity-kernel Conv) are shared
 with the Unfold family in `unfold.py`.
 """

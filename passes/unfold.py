@@ -515,8 +515,12 @@ def build_slice_concat(b: Builder, spec: UnfoldSpec, inputs: Sequence[gs.Tensor]
 def build_conv_unfold(b: Builder, spec: UnfoldSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
     """A grouped Conv with an identity kernel writes tap k of channel c to row c*K + k.
 
-    Exact for finite X only: the Conv's 0 * inf and 0 * NaN turn the other rows of every window
-    holding a non-finite value to NaN (see `NONFINITE_CAVEAT`)."""
+    Exact for finite X only: the Conv's 0 * inf and 0 * NaN turn the other K - 1 rows of every
+    window holding a ±inf or NaN to NaN. DynamicFilter's conv_unfold mends ±inf (see `bounded`)
+    because a NaN tap makes its whole output NaN anyway; here each row is an output, and no single
+    elementwise op after the Conv can tell a spread NaN from a read one. Branching on the input
+    (`If`) would fix it at no cost, but onnx-graphsurgeon 0.6.1's toposort recurses forever on a
+    graph holding both functions and subgraphs."""
     columns = conv_windows(b, inputs[0], spec.window, int(spec.channels))  # type: ignore[arg-type]
     b.reshape(columns, [0, 0, -1], out=outputs[0])
 
@@ -537,7 +541,9 @@ def _conv_unfold_why_not(spec: UnfoldSpec) -> str | None:
 VARIANTS = (
     SimpleVariant("gather", _any_shape, build_gather, "Pad + Gather per axis + Transpose (as exported)"),
     SimpleVariant("slice_concat", _any_shape, build_slice_concat, "Pad + Slice per tap + Concat"),
-    SimpleVariant("conv_unfold", _conv_unfold_why_not, build_conv_unfold, "grouped Conv with an identity kernel"),
+    SimpleVariant(
+        "conv_unfold", _conv_unfold_why_not, build_conv_unfold, "grouped Conv with an identity kernel (exact for finite X only)"
+    ),
 )
 
 

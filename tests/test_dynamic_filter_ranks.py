@@ -25,7 +25,11 @@ from tests.helpers import run, single_node_model
 
 FILTER_VARIANTS = FAMILIES["dynamicfilter"].variant_names
 UNFOLD_VARIANTS = FAMILIES["unfold"].variant_names
-ELEM_TYPES = {np.dtype(np.float16): onnx.TensorProto.FLOAT16, np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float64): onnx.TensorProto.DOUBLE}
+ELEM_TYPES = {
+    np.dtype(np.float16): onnx.TensorProto.FLOAT16,
+    np.dtype(np.float32): onnx.TensorProto.FLOAT,
+    np.dtype(np.float64): onnx.TensorProto.DOUBLE,
+}
 TOLERANCES = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
 
 
