@@ -8,6 +8,7 @@ F[n, c // (C/G), k, p]`, and F.unfold's rows `[n, c*K + k, l]`. Real onnxruntime
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import convlower
+from convlower.cli import main
 from convlower.passes import FAMILIES
 from convlower.passes.dynamic_filter import SlidingWindow
 from convlower.passes.local_functions import DOMAIN, attach_functions
@@ -435,18 +437,29 @@ def test_export_keeps_symbolic_dims_and_every_variant_runs_at_two_sizes(rank: in
 
 
 @pytest.mark.parametrize("rank", [1, 3])
-def test_inspect_and_optimize_handle_rank_1_and_rank_3_models(rank: int) -> None:
+def test_inspect_lower_and_optimize_handle_rank_1_and_rank_3_models(rank: int, tmp_path: Path, capsys) -> None:
     module = RANK_MODULES[rank][0].eval()
     spatial = (12, 6, 5)[:rank]
     x, f = rank_inputs(rank, 2, spatial)
-    model = convlower.export(module, (torch.from_numpy(x), torch.from_numpy(f)), dynamo=True)
-    (info,) = convlower.inspect_model(model)
-    assert info.op == "DynamicFilter" and info.reason is None
-    assert tuple(info.spec["in_spatial"]) == spatial and tuple(info.spec["window"]["kernel_shape"]) == module.kernel
-    assert info.variants == {v: None for v in FILTER_VARIANTS}
+    path = tmp_path / f"rank{rank}.onnx"
+    model = convlower.export(module, (torch.from_numpy(x), torch.from_numpy(f)), path, dynamo=True)
+    expected = filter_oracle(x, f, same_window(rank))
+    capsys.readouterr()  # the exporter's progress lines
+
+    assert main(["inspect", str(path), "--json"]) == 0
+    (info,) = json.loads(capsys.readouterr().out)["nodes"]
+    assert info["op"] == "DynamicFilter" and info["reason"] is None
+    assert tuple(info["spec"]["in_spatial"]) == spatial and tuple(info["spec"]["window"]["kernel_shape"]) == module.kernel
+    assert info["variants"] == {v: None for v in FILTER_VARIANTS}
+
+    lowered_path = tmp_path / f"rank{rank}.lowered.onnx"
+    assert main(["lower", str(path), "--variant", "DynamicFilter=conv_unfold", "-o", str(lowered_path)]) == 0
+    (got,) = run(onnx.load(lowered_path), {"x": x, "filters": f})
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4, err_msg="convlower lower")
+
     result = convlower.optimize(model, guard=False, cache=None)
     (node,) = result.report.nodes
     assert node.op == "DynamicFilter"
     assert {name: entry["status"] for name, entry in node.variants.items()} == {v: "ok" for v in FILTER_VARIANTS}
     (got,) = run(result.model, {"x": x, "filters": f})
-    np.testing.assert_allclose(got, filter_oracle(x, f, same_window(rank)), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4, err_msg="convlower.optimize")
