@@ -123,7 +123,9 @@ def random_filter_inputs(window: SlidingWindow, x_shape: tuple[int, ...], groups
     return x, f
 
 
-def filter_model(x_shape: tuple, f_shape: tuple, window: SlidingWindow, dtype: np.dtype = np.dtype(np.float32)) -> onnx.ModelProto:
+def filter_model(
+    x_shape: tuple, f_shape: tuple, window: SlidingWindow, dtype: np.dtype = np.dtype(np.float32)
+) -> onnx.ModelProto:
     model = single_node_model(
         "DynamicFilter", [("x", x_shape), ("f", f_shape)], len(x_shape), attrs=window.attrs(), opset=18,
         domain=DOMAIN, elem_type=ELEM_TYPES[np.dtype(dtype)],
@@ -138,7 +140,9 @@ def grouped_filters_model(x_shape: tuple, window: SlidingWindow, dtype: np.dtype
     inputs, nodes, outputs = [helper.make_tensor_value_info("x", elem_type, list(x_shape))], [], []
     for i, groups in enumerate(groupings(x_shape[1]).values()):
         inputs.append(helper.make_tensor_value_info(f"f_{i}", elem_type, [x_shape[0], groups, window.taps, *out]))
-        nodes.append(helper.make_node("DynamicFilter", ["x", f"f_{i}"], [f"y_{i}"], name=f"filter_{i}", domain=DOMAIN, **window.attrs()))
+        nodes.append(
+            helper.make_node("DynamicFilter", ["x", f"f_{i}"], [f"y_{i}"], name=f"filter_{i}", domain=DOMAIN, **window.attrs())
+        )
         outputs.append(helper.make_tensor_value_info(f"y_{i}", elem_type, None))
     graph = helper.make_graph(nodes, "grouped_filters", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
@@ -232,7 +236,9 @@ def test_variants_in_float16_on_onnxruntime_and_onnx_reference(rank: int) -> Non
             for runtime, got in (("onnxruntime", run(result.model, feeds)[0]),
                                  ("onnx.reference", ReferenceEvaluator(result.model).run(None, feeds)[0])):
                 assert got.dtype == np.float16, (op, variant, runtime)
-                np.testing.assert_allclose(got.astype(np.float32), expected, atol=2e-2, rtol=1e-2, err_msg=f"{op} {variant} {runtime}")
+                np.testing.assert_allclose(
+                    got.astype(np.float32), expected, atol=2e-2, rtol=1e-2, err_msg=f"{op} {variant} {runtime}"
+                )
 
 
 # --- symbolic batch and spatial dims ---------------------------------------------------------------------
