@@ -124,10 +124,10 @@ def random_filter_inputs(window: SlidingWindow, x_shape: tuple[int, ...], groups
 
 
 def filter_model(
-    x_shape: tuple, f_shape: tuple, window: SlidingWindow, dtype: np.dtype = np.dtype(np.float32)
+    x_shape: tuple, f_shape: tuple, window: SlidingWindow, dtype: np.dtype = np.dtype(np.float32), opset: int = 18
 ) -> onnx.ModelProto:
     model = single_node_model(
-        "DynamicFilter", [("x", x_shape), ("f", f_shape)], len(x_shape), attrs=window.attrs(), opset=18,
+        "DynamicFilter", [("x", x_shape), ("f", f_shape)], len(x_shape), attrs=window.attrs(), opset=opset,
         domain=DOMAIN, elem_type=ELEM_TYPES[np.dtype(dtype)],
     )
     return attach_functions(model)
@@ -149,9 +149,11 @@ def grouped_filters_model(x_shape: tuple, window: SlidingWindow, dtype: np.dtype
     return runtime_compatible(attach_functions(model))
 
 
-def unfold_model(x_shape: tuple, window: SlidingWindow, dtype: np.dtype = np.dtype(np.float32)) -> onnx.ModelProto:
+def unfold_model(
+    x_shape: tuple, window: SlidingWindow, dtype: np.dtype = np.dtype(np.float32), opset: int = 18
+) -> onnx.ModelProto:
     model = single_node_model(
-        "Unfold", [("x", x_shape)], 3, attrs=window.attrs(), opset=18, domain=DOMAIN, elem_type=ELEM_TYPES[np.dtype(dtype)]
+        "Unfold", [("x", x_shape)], 3, attrs=window.attrs(), opset=opset, domain=DOMAIN, elem_type=ELEM_TYPES[np.dtype(dtype)]
     )
     return attach_functions(model)
 
@@ -320,6 +322,24 @@ def test_unfold_variants_with_symbolic_channels(variant: str) -> None:
         np.testing.assert_array_equal(run(result.model, {"x": x})[0], unfold_oracle(x, window))
 
 
+@pytest.mark.parametrize("opset", [13, 17])
+def test_symbolic_lowerings_before_opset_15(opset: int) -> None:
+    """Before opset 15 Shape has no start/end: the run-time dims come from a Slice of the whole shape."""
+    window = SYMBOLIC_WINDOWS[2]
+    filters = filter_model(("N", 4, "H", "W"), ("N", 2, window.taps, "Ho", "Wo"), window, opset=opset)
+    unfolds = unfold_model(("N", 3, "H", "W"), window, opset=opset)
+    filter_variants = {variant: lowered(filters, "DynamicFilter", variant) for variant in FILTER_VARIANTS}
+    unfold_variants = {variant: lowered(unfolds, "Unfold", variant) for variant in UNFOLD_VARIANTS}
+    for seed, (batch, *spatial) in enumerate(SIZES[2]):
+        x, f = random_filter_inputs(window, (batch, 4, *spatial), 2, np.dtype(np.float32), seed)
+        for variant, model in filter_variants.items():
+            np.testing.assert_allclose(
+                run(model, {"x": x, "f": f})[0], filter_oracle(x, f, window), atol=1e-4, rtol=1e-4, err_msg=variant
+            )
+        for variant, model in unfold_variants.items():
+            np.testing.assert_array_equal(run(model, {"x": x[:, :3]})[0], unfold_oracle(x[:, :3], window), err_msg=variant)
+
+
 # --- non-finite inputs ---------------------------------------------------------------------------------------
 
 
@@ -343,14 +363,18 @@ def assert_same_nonfinite(got: np.ndarray, expected: np.ndarray, what: str) -> N
     np.testing.assert_allclose(got[finite], expected[finite], atol=1e-4, rtol=1e-4, err_msg=what)
 
 
-NONFINITE_WINDOWS = [SlidingWindow((3,), (1,), (2,), (2, 2)), SlidingWindow((3, 3), (2, 1), (1, 1), (1, 1, 1, 1))]
+NONFINITE_WINDOWS = [
+    SlidingWindow((3,), (1,), (2,), (2, 2)),
+    SlidingWindow((3, 3), (2, 1), (1, 1), (1, 1, 1, 1)),
+    SlidingWindow((2, 2, 3), (1, 2, 1), (2, 1, 1), (1, 0, 1, 0, 1, 1)),
+]
 
 
-@pytest.mark.parametrize("window", NONFINITE_WINDOWS, ids=["rank1", "rank2"])
+@pytest.mark.parametrize("window", NONFINITE_WINDOWS, ids=["rank1", "rank2", "rank3"])
 @pytest.mark.parametrize("where", ["x", "f", "both"])
 @pytest.mark.parametrize("variant", FILTER_VARIANTS)
 def test_filter_variants_keep_the_nonfinite_pattern(window: SlidingWindow, where: str, variant: str) -> None:
-    x_shape = (2, 4, *([7] * window.rank))
+    x_shape = (2, 4, *([6] * window.rank))
     x, f = random_filter_inputs(window, x_shape, 2, np.dtype(np.float32))
     if where in ("x", "both"):
         x = with_nonfinite(x, 1)
@@ -364,7 +388,7 @@ def test_filter_variants_keep_the_nonfinite_pattern(window: SlidingWindow, where
     assert_same_nonfinite(run(result, {"x": x, "f": f})[0], expected, variant)
 
 
-@pytest.mark.parametrize("window", NONFINITE_WINDOWS, ids=["rank1", "rank2"])
+@pytest.mark.parametrize("window", NONFINITE_WINDOWS, ids=["rank1", "rank2", "rank3"])
 @pytest.mark.parametrize(
     "variant",
     [
@@ -374,7 +398,7 @@ def test_filter_variants_keep_the_nonfinite_pattern(window: SlidingWindow, where
     ],
 )
 def test_unfold_variants_keep_the_nonfinite_pattern(window: SlidingWindow, variant: str) -> None:
-    x = with_nonfinite(np.random.default_rng(0).standard_normal((2, 3, *([7] * window.rank))).astype(np.float32), 3)
+    x = with_nonfinite(np.random.default_rng(0).standard_normal((2, 3, *([6] * window.rank))).astype(np.float32), 3)
     expected = unfold_oracle(x, window)
     model = unfold_model(x.shape, window)
     assert_same_nonfinite(run(model, {"x": x})[0], expected, "function body")
