@@ -407,6 +407,21 @@ def test_unfold_variants_keep_the_nonfinite_pattern(window: SlidingWindow, varia
     assert_same_nonfinite(run(result, {"x": x})[0], expected, variant)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="convlower.verify.compare: a ±inf reference makes the tolerance atol + rtol * inf = inf, so any candidate passes",
+)
+@pytest.mark.parametrize("wrong", [np.nan, -np.inf, 0.0])
+def test_verification_rejects_a_changed_infinity(wrong: float) -> None:
+    """What the tuner and the guard use to accept a variant (NaN == NaN counts as equal there)."""
+    from convlower.verify import compare
+
+    reference = np.array([1.0, np.inf, -np.inf, np.nan], np.float32)
+    candidate = reference.copy()
+    candidate[1] = wrong
+    assert not compare("y", reference, candidate, None, None).passed
+
+
 # --- the torch op, export, lower, inspect and optimize at every rank -------------------------------------
 
 torch = pytest.importorskip("torch")
