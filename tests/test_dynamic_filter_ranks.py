@@ -21,11 +21,22 @@ from hypothesis import strategies as st
 
 import convlower
 from convlower.cli import main
+from convlower.modelio import runtime_compatible
 from convlower.passes import FAMILIES
 from convlower.passes.dynamic_filter import SlidingWindow
 from convlower.passes.local_functions import DOMAIN, attach_functions
-from convlower.modelio import runtime_compatible
 from tests.helpers import run, single_node_model
+
+torch = pytest.importorskip("torch")
+ops = pytest.importorskip("convlower.ops")
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning:torch"),
+    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
+
 
 FILTER_VARIANTS = FAMILIES["dynamicfilter"].variant_names
 UNFOLD_VARIANTS = FAMILIES["unfold"].variant_names
@@ -73,7 +84,6 @@ def unfold_oracle(x: np.ndarray, window: SlidingWindow) -> np.ndarray:
 
 def torch_unfold_oracle(x: np.ndarray, window: SlidingWindow) -> np.ndarray:
     """The same rows from torch's F.unfold (rank 2): the oracle of the oracle."""
-    torch = pytest.importorskip("torch")
     xpad = torch.from_numpy(padded(x, window))
     return torch.nn.functional.unfold(xpad, window.kernel_shape, dilation=window.dilations, stride=window.strides).numpy()
 
@@ -423,17 +433,6 @@ def test_verification_rejects_a_changed_infinity(wrong: float) -> None:
 
 
 # --- the torch op, export, lower, inspect and optimize at every rank -------------------------------------
-
-torch = pytest.importorskip("torch")
-ops = pytest.importorskip("convlower.ops")
-
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning:torch"),
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-]
-
 
 class Filter(torch.nn.Module):
     """One dynamic filter with 'same' padding, so the filters' spatial dims are the input's."""
