@@ -598,7 +598,8 @@ VARIANTS = (
     SimpleVariant("gather", _any_shape, build_gather, "Pad + Gather per axis + Transpose (as exported)"),
     SimpleVariant("slice_concat", _any_shape, build_slice_concat, "Pad + Slice per tap + Concat"),
     SimpleVariant(
-        "conv_unfold", _conv_unfold_why_not, build_conv_unfold, "grouped Conv with an identity kernel (exact for finite X only)"
+        "conv_unfold", _conv_unfold_why_not, build_conv_unfold, "grouped Conv with an identity kernel",
+        caveat="spreads NaN and ±inf in X to the other columns of their window (the identity kernel computes 0·inf)",
     ),
 )
 

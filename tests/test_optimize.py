@@ -257,3 +257,19 @@ def test_cli_optimize_on_cuda_without_a_gpu_is_a_usage_error(block: onnx.ModelPr
     assert main(["optimize", str(source), "--provider", "cuda", "--no-cache"]) == 2
     assert "--provider cuda" in capsys.readouterr().err
     assert not (tmp_path / "block.convlower.onnx").exists()
+
+
+def test_a_variant_with_a_caveat_is_tuned_only_when_named() -> None:
+    """Unfold's conv_unfold spreads NaN/inf across a window: left out of tuning, saying why,
+    unless the user names it in --variants."""
+    from convlower.passes.local_functions import DOMAIN, attach_functions
+    from tests.helpers import single_node_model
+
+    attrs = {"kernel_shape": [3, 3], "strides": [1, 1], "dilations": [1, 1], "pads": [1, 1, 1, 1]}
+    model = attach_functions(single_node_model("Unfold", [("x", (1, 4, 12, 12))], 3, attrs=attrs, domain=DOMAIN))
+    (node,) = convlower.optimize(model, provider="cpu", cache=None, guard=False).report.nodes
+    assert node.variants["conv_unfold"]["status"] == "skipped"
+    assert "0·inf" in node.variants["conv_unfold"]["reason"] and "--variants" in node.variants["conv_unfold"]["reason"]
+    assert node.variants["slice_concat"]["status"] == "ok"
+    (named,) = convlower.optimize(model, provider="cpu", cache=None, guard=False, variants=["unfold=conv_unfold"]).report.nodes
+    assert named.variants["conv_unfold"]["status"] == "ok"
