@@ -139,15 +139,14 @@ def _flat_weight(b: Builder, spec: PixelAdaptiveConvSpec, w: gs.Tensor, *trailin
 
 
 def _tap_weights(b: Builder, spec: PixelAdaptiveConvSpec, w: gs.Tensor, *trailing: int) -> list[gs.Tensor]:
-    """`W[:, :, k]` as `[O, C, *trailing]` for every tap k: constants sliced in NumPy, else Gather nodes."""
+    """`W[:, :, k]` as `[O, C, *trailing]` for every tap k: constants sliced in NumPy, else Slice nodes."""
     o, c, taps = int(spec.out_channels), int(spec.channels), spec.window.taps  # type: ignore[arg-type]
     value = constant_value(w)
     if value is not None:
         per_tap = value.reshape(o, c, taps)
         return [b.const(np.ascontiguousarray(per_tap[:, :, k]).reshape(o, c, *trailing), "weight") for k in range(taps)]
     flat = b.reshape(w, [o, c, taps])
-    picked = [b.op("Gather", [flat, np.asarray(k, dtype=np.int64)], {"axis": 2}) for k in range(taps)]
-    return [b.reshape(t, [o, c, *trailing]) if trailing else t for t in picked]
+    return [b.reshape(b.slice(flat, [k], [k + 1], [2]), [o, c, *trailing]) for k in range(taps)]
 
 
 def _tap_products(b: Builder, spec: PixelAdaptiveConvSpec, x: gs.Tensor, kernel: gs.Tensor) -> list[gs.Tensor]:
