@@ -17,10 +17,12 @@ which both exporters (legacy opset 17, dynamo opset 18) emit as
     bias [1, O, 1, 1] or [O, 1, 1] (constant) ───────────────────────────────────── [Add] ─ y
 
 (the legacy exporter adds Reshapes between the Transpose and the Mul; `find_unfolds` finds the
-unfold, `axis_kinds` reads the view). The kernel taps may also be one merged axis (`view(n, c, k*k,
-h, w)`, kernel `[N, G, k*k, Ho, Wo]`, weight `[O, C, k*k]`), and the weight's letters may come in any
-order: a constant weight is brought to `[O, C, kh, kw]` in NumPy, a weight computed at run time
-(or given as a graph input) is supported too, rearranged by Transpose/Reshape nodes.
+unfold, `axis_kinds` reads the view). Also recognized: the taps as one merged axis (`view(n, c, k*k,
+h, w)`, kernel `[N, G, k*k, Ho, Wo]`, weight `[O, C, k*k]`); the channels split as grouped layers
+write them (`view(n, g, c // g, k, k, h, w)`, kernel `[N, g, 1, k, k, Ho, Wo]`, weight
+`[O, g, c // g, k, k]`: G = g); the weight's letters in any order. A constant weight is brought to
+`[O, C, kh, kw]` in NumPy; a weight computed at run time (or given as a graph input) is supported
+too, rearranged by Transpose/Reshape nodes.
 
 Rewrite: one `convlower.PixelAdaptiveConv` node (X = the unfold's input, K = the kernel reshaped to
 the canonical `[N, G, kh*kw, Ho, Wo]`, W, and B when the Add is folded) writing the Einsum's output,
@@ -29,7 +31,7 @@ the Einsum feeds nothing else. Under symbolic batch and spatial dims the static 
 trial sizes (`matches_at_every_size`) and the kernel's Reshape reads the varying dims at run time.
 
 Left as they are: a kernel broadcast over the batch (or over any tap or spatial axis), a kernel
-split over channels other than 1 or C, an Einsum that keeps a kernel or channel axis or sums a
+that runs along the inner split of the channels only, an Einsum that keeps a kernel or channel axis or sums a
 spatial one, an output in another axis order, a view that merges the spatial axes, and a bias that
 is not a constant of those shapes (the Add then stays after the node).
 """
@@ -54,7 +56,7 @@ from .unfold import UnfoldMatch, _same_dim, _views, axis_kinds, find_unfolds
 @dataclass(frozen=True)
 class PacMatch:
     """One exported PAC: the unfold, the kernel (axes `[N, G, taps..., Ho, Wo]`), the Einsum with
-    the weight (whose axes `weight_perm` brings to `[O, C, taps...]`), the optional folded bias, and
+    the weight (whose axes `weight_perm` brings to `[O, C.., taps..]`), the optional folded bias, and
     the tensor the canonical node will write."""
 
     unfold: UnfoldMatch
@@ -74,32 +76,60 @@ class PacMatch:
         return (*(t.name for t in names), bias, self.unfold.window, self.groups, self.weight_perm)
 
 
-def _kernel_axes(match: UnfoldMatch, kinds: list[str]) -> int | None:
-    """How many kernel-tap axes the view has (1 merged, or 2), when it reads `[N, C, taps.., Ho, Wo]`."""
-    channel = kinds[1] == "c" or (kinds[1] == "unit" and match.channels == 1)
-    taps = len(kinds) - 4
-    if not channel or taps not in (1, 2) or kinds[2 : 2 + taps] != ["k"] * taps or kinds[2 + taps :] != ["s", "s"]:
+@dataclass(frozen=True)
+class ViewLayout:
+    """How a view of the unfold reads `[N, C, taps, Ho, Wo]`: the channels as one axis or split in
+    two (`[G', C/G']`, as grouped layers write them), the taps as one merged axis or two."""
+
+    channel_axes: int
+    tap_axes: int
+
+    @property
+    def first_tap(self) -> int:
+        return 1 + self.channel_axes
+
+
+def _view_layout(match: UnfoldMatch, kinds: list[str]) -> ViewLayout | None:
+    """The layout of a view whose axes are the batch, the channels, the taps and both spatial axes."""
+    if kinds[1:3] == ["c_outer", "c_inner"]:
+        channel_axes = 2
+    elif kinds[1] == "c" or (kinds[1] == "unit" and match.channels == 1):
+        channel_axes = 1
+    else:
         return None
-    return taps
+    layout = ViewLayout(channel_axes, len(kinds) - 3 - channel_axes)
+    taps = kinds[layout.first_tap : layout.first_tap + layout.tap_axes]
+    if layout.tap_axes not in (1, 2) or taps != ["k"] * layout.tap_axes or kinds[layout.first_tap + layout.tap_axes :] != ["s", "s"]:
+        return None
+    return layout
 
 
-def _kernel_groups(match: UnfoldMatch, view: gs.Tensor, mul: gs.Node) -> tuple[gs.Tensor, int] | None:
+def _kernel_groups(match: UnfoldMatch, view: gs.Tensor, layout: ViewLayout, mul: gs.Node) -> tuple[gs.Tensor, int] | None:
     """The Mul's other operand and its groups G, when it runs along the view's batch, taps and
-    positions and along its channels as 1 (G = 1) or C (G = C)."""
+    positions, and along the channels as one plane (G = 1), one per channel (G = C), or one per
+    outer split of a split channel axis (G = G'); never along the inner split alone."""
     if len(mul.inputs) != 2 or sum(t is view for t in mul.inputs) != 1:
         return None
     kernel = mul.inputs[1] if mul.inputs[0] is view else mul.inputs[0]
     shape, view_shape = kernel.shape, view.shape
     if shape is None or len(shape) != len(view_shape) or not _same_dim(shape[0], view_shape[0]):
         return None
-    if shape[1] not in (1, match.channels) or any(not _same_dim(k, v) for k, v in zip(shape[2:], view_shape[2:])):
+    rest = layout.first_tap
+    if any(not _same_dim(k, v) for k, v in zip(shape[rest:], view_shape[rest:])):
         return None
-    return kernel, int(shape[1])
+    channels, along = list(shape[1:rest]), list(view_shape[1:rest])
+    if all(d == 1 for d in channels):
+        return kernel, 1
+    if channels == along:
+        return kernel, match.channels
+    if layout.channel_axes == 2 and channels == [along[0], 1]:
+        return kernel, int(along[0])
+    return None
 
 
-def _einsum_weight(einsum: gs.Node, product: gs.Tensor, taps: int) -> tuple[gs.Tensor, tuple[int, ...], int] | None:
-    """(weight, perm to `[O, C, taps...]`, O) when the Einsum sums the product `[N, C, taps.., Ho, Wo]`
-    over its channel and tap axes against a weight `[O, C, taps..]` (letters in any order), giving
+def _einsum_weight(einsum: gs.Node, product: gs.Tensor, layout: ViewLayout) -> tuple[gs.Tensor, tuple[int, ...], int] | None:
+    """(weight, perm to `[O, C.., taps..]`, O) when the Einsum sums the product `[N, C.., taps.., Ho, Wo]`
+    over its channel and tap axes against a weight `[O, C.., taps..]` (letters in any order), giving
     `[N, O, Ho, Wo]`."""
     equation = attr_text(einsum.attrs.get("equation", "")).replace(" ", "")
     if len(einsum.inputs) != 2 or "..." in equation or "->" not in equation:
@@ -114,13 +144,14 @@ def _einsum_weight(einsum: gs.Node, product: gs.Tensor, taps: int) -> tuple[gs.T
     weight_shape = static_shape(weight)
     if len(product_term) != len(product.shape or ()) or weight_shape is None or len(weight_shape) != len(weight_term):
         return None
-    batch, channel, tap_letters, spatial = product_term[0], product_term[1], product_term[2 : 2 + taps], product_term[2 + taps :]
+    summed = product_term[1 : layout.first_tap + layout.tap_axes]
+    batch, spatial = product_term[0], product_term[layout.first_tap + layout.tap_axes :]
     new = [letter for letter in weight_term if letter not in product_term]
-    if len(new) != 1 or sorted(weight_term) != sorted(new[0] + channel + tap_letters) or output != batch + new[0] + spatial:
+    if len(new) != 1 or sorted(weight_term) != sorted(new[0] + summed) or output != batch + new[0] + spatial:
         return None
     if any(d is None for d in weight_shape):
         return None
-    perm = tuple(weight_term.index(letter) for letter in new[0] + channel + tap_letters)
+    perm = tuple(weight_term.index(letter) for letter in new[0] + summed)
     return weight, perm, int(weight_shape[weight_term.index(new[0])])  # type: ignore[arg-type]
 
 
@@ -144,16 +175,16 @@ def find_pacs(graph: gs.Graph, opset: int) -> list[PacMatch]:
     for match in find_unfolds(graph, opset):
         for view in _views(match.columns):
             kinds = axis_kinds(match, view)
-            taps = _kernel_axes(match, kinds) if kinds is not None else None
-            if taps is None:
+            layout = _view_layout(match, kinds) if kinds is not None else None
+            if layout is None:
                 continue
             for mul in [n for n in view.outputs if n.op == "Mul"]:
-                kernel_groups = _kernel_groups(match, view, mul)
+                kernel_groups = _kernel_groups(match, view, layout, mul)
                 if kernel_groups is None:
                     continue
                 product = mul.outputs[0]
                 for einsum in [n for n in product.outputs if n.op == "Einsum"]:
-                    weighted = _einsum_weight(einsum, product, taps)
+                    weighted = _einsum_weight(einsum, product, layout)
                     if weighted is None:
                         continue
                     weight, perm, out_channels = weighted

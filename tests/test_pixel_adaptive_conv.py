@@ -19,10 +19,12 @@ from hypothesis import strategies as st
 import convlower
 from convlower.cli import main
 from convlower.inspect import inspect_model
+from convlower.modelio import runtime_compatible
 from convlower.passes import FAMILIES, NotLowerable
 from convlower.passes.dynamic_filter import SlidingWindow
 from convlower.passes.local_functions import DOMAIN, attach_functions
 from convlower.passes.pixel_adaptive_conv import make_spec
+from convlower.rewrite import import_graph
 from tests.helpers import op_types, run, single_node_model
 
 torch = pytest.importorskip("torch")
@@ -244,9 +246,6 @@ def export(module: nn.Module, inputs: tuple, dynamo: bool, opset: int, path: Pat
 
 def recognized(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model as recognition leaves it, canonical nodes carried by their functions."""
-    from convlower.modelio import runtime_compatible
-    from convlower.rewrite import import_graph
-
     return runtime_compatible(attach_functions(gs.export_onnx(import_graph(model), do_type_check=False)))
 
 
@@ -304,8 +303,8 @@ def test_pacnet_layer_under_symbolic_batch_and_spatial_dims(dynamo: bool, opset:
 
 class PacVariants(nn.Module):
     """pacnet's layer written otherwise: merged taps (`view(n, c, k*k, h, w)`, weight `[O, C, k*k]`),
-    a weight whose letters come in another order, a per-channel kernel (G = C), a weight that is a
-    graph input, or a bias of another shape."""
+    a weight whose letters come in another order, a per-channel kernel (G = C), a kernel per group
+    of channels (G = 2 of C = 4), a weight that is a graph input, or a bias of another shape."""
 
     def __init__(self, form: str):
         super().__init__()
@@ -318,6 +317,9 @@ class PacVariants(nn.Module):
         cols = F.unfold(x, 3, padding=1)
         if self.form == "merged_taps":
             return torch.einsum("nckhw,ock->nohw", cols.view(n, c, 9, h, w) * kernel.view(n, 1, 9, h, w), self.weight.view(5, 4, 9))
+        if self.form == "two_kernel_groups":  # a kernel per group of 2 channels: G = 2
+            grouped = cols.view(n, 2, 2, 3, 3, h, w) * kernel.view(n, 2, 1, 3, 3, h, w)
+            return torch.einsum("igaklmn,ogakl->iomn", grouped, self.weight.view(5, 2, 2, 3, 3))
         product = cols.view(n, c, 3, 3, h, w) * kernel
         if self.form == "weight_order":
             return torch.einsum("ijklmn,lkjo->iomn", product, self.weight.permute(3, 2, 1, 0))
@@ -330,14 +332,16 @@ class PacVariants(nn.Module):
 @pytest.mark.parametrize("dynamo, opset", EXPORTERS)
 @pytest.mark.parametrize(
     "form, groups, extra",
-    [("merged_taps", 1, 0), ("weight_order", 1, 0), ("per_channel", 4, 0), ("weight_input", 1, 1), ("bias_3d", 1, 0)],
+    [("merged_taps", 1, 0), ("weight_order", 1, 0), ("per_channel", 4, 0), ("two_kernel_groups", 2, 0),
+     ("weight_input", 1, 1), ("bias_3d", 1, 0)],
 )
 def test_other_forms_are_recognized(form: str, groups: int, extra: int, dynamo: bool, opset: int, tmp_path: Path) -> None:
     """A weight that is not constant (a graph input here) is recognized too: W becomes a node input."""
     inputs = pac_inputs(2, 4, (6, 5), groups) + ((torch.randn(5, 4, 3, 3),) if extra else ())
     model, feeds, expected = export(PacVariants(form), inputs, dynamo, opset, tmp_path / "form.onnx")
-    (node,) = canonical_nodes(model)
-    assert node.op_type == OP and (node.input[2] == "in2") == (form == "weight_input")
+    (node,) = [n for n in import_graph(model).nodes if n.domain == DOMAIN]
+    assert node.op == OP and (node.inputs[2].name == "in2") == (form == "weight_input")
+    assert node.inputs[1].shape[1:3] == [groups, 9] and list(node.inputs[2].shape) == [5, 4, 3, 3]
     np.testing.assert_allclose(run(recognized(model), feeds)[0], expected, atol=ATOL, rtol=RTOL)
     for variant in ("shift_modulate_matmul", "unfold_einsum"):
         lowered = convlower.lower(model, [f"{OP}={variant}"]).model
@@ -357,8 +361,8 @@ class LookAlike(nn.Module):
 
     def forward(self, x, kernel):
         n, c, h, w = x.shape
-        if self.form == "two_kernel_groups":  # the kernel split over 2 of 4 channels: G is neither 1 nor C
-            grouped = F.unfold(x, 3, padding=1).view(n, 2, 2, 3, 3, h, w) * kernel.view(n, 2, 1, 3, 3, h, w)
+        if self.form == "inner_channel_kernel":  # a kernel per position within each group of channels
+            grouped = F.unfold(x, 3, padding=1).view(n, 2, 2, 3, 3, h, w) * kernel.view(n, 1, 2, 3, 3, h, w)
             return torch.einsum("igaklmn,ogakl->iomn", grouped, self.weight.view(5, 2, 2, 3, 3))
         product = F.unfold(x, 3, padding=1).view(n, c, 3, 3, h, w) * kernel
         if self.form == "sums_other_axes":  # keeps the kernel's column axis
@@ -379,7 +383,7 @@ class LookAlike(nn.Module):
         ("sums_spatial", (2, 1, 3, 3, 6, 5)),
         ("pac", (1, 1, 3, 3, 6, 5)),  # the kernel broadcast over the batch
         ("pac", (2, 1, 3, 3, 1, 5)),  # the kernel broadcast over rows
-        ("two_kernel_groups", (2, 2, 3, 3, 6, 5)),
+        ("inner_channel_kernel", (2, 2, 3, 3, 6, 5)),
     ],
 )
 def test_look_alikes_are_left_alone(form: str, kernel_shape: tuple, dynamo: bool, opset: int, tmp_path: Path) -> None:
