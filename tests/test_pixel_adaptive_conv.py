@@ -171,6 +171,18 @@ def test_variants_keep_symbolic_batch_and_spatial_dims(variant: str) -> None:
         np.testing.assert_allclose(got, oracle(a["x"], a["k"], weights["w"], weights["b"], window), atol=ATOL, rtol=RTOL)
 
 
+def test_unfold_einsum_keeps_a_symbolic_batch() -> None:
+    """Its Gather indices need the spatial extents, not the batch."""
+    window = SlidingWindow((2, 3), (1, 2), (2, 1), (1, 0, 0, 1))
+    weights = arrays(window, (1, 3, 6, 7), 3, 2, False)
+    model = canonical_model(window, ("N", 3, 6, 7), ("N", *weights["k"].shape[1:]), weights["w"], None)
+    lowered = convlower.lower(model, [f"{OP}=unfold_einsum"]).model
+    for seed, batch in enumerate((1, 3)):
+        a = arrays(window, (batch, 3, 6, 7), 3, 2, False, seed=seed)
+        (got,) = run(lowered, {"x": a["x"], "k": a["k"]})
+        np.testing.assert_allclose(got, oracle(a["x"], a["k"], weights["w"], None, window), atol=ATOL, rtol=RTOL)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_function_body_runs_for_any_shape_in_float64(bias: bool) -> None:
     """One body serves every node with these attributes, the bias given or not (Gemm's optional C)."""
