@@ -195,7 +195,10 @@ def find_pacs(graph: gs.Graph, opset: int) -> list[PacMatch]:
 
 
 def recognize_pixel_adaptive_convs(graph: gs.Graph, opset: int) -> None:
-    """Replace every exported PAC that holds at every input size with one `convlower.PixelAdaptiveConv`."""
+    """Replace every exported PAC that holds at every input size with one `convlower.PixelAdaptiveConv`.
+    A graph without an Einsum holds none: it is not bound to trial sizes at all."""
+    if not any(node.op == "Einsum" for node in graph.nodes):
+        return
     for per_trial in matches_at_every_size(graph, opset, find_pacs, PacMatch.signature):
         _replace(graph, opset, per_trial)
     graph.cleanup()
@@ -206,8 +209,9 @@ def _replace(graph: gs.Graph, opset: int, per_trial: list[PacMatch]) -> None:
     match = per_trial[0]
     window: SlidingWindow = match.unfold.window
     output = local(graph, match.output)
-    output.inputs[0].outputs.clear()
-    b = Builder(graph, opset, output.name or OP_TYPE, dtype=output.dtype or np.float32)
+    replaced = output.inputs[0]
+    replaced.outputs.clear()
+    b = Builder(graph, opset, replaced.name or OP_TYPE, dtype=output.dtype or np.float32)
     kernel = local(graph, match.kernel)
     out_spatial = dims_across(*(m.unfold.out_spatial for m in per_trial))
     spatial_axis = len(kernel.shape) - window.rank
