@@ -233,9 +233,10 @@ def build_conv_unfold(
     x, kernel, w = inputs[:3]
     groups, group_channels, taps = int(spec.groups), int(spec.group_channels), spec.window.taps  # type: ignore[arg-type]
     rank = spec.window.rank
-    columns = b.reshape(conv_windows(b, x, spec.window, int(spec.channels)), [0, groups, group_channels, taps, -1])  # type: ignore[arg-type]
-    modulated = b.mul(columns, b.reshape(kernel, [0, groups, 1, taps, -1]))
-    spatial = b.reshape(modulated, shape_vector(b, [0, groups * group_channels * taps, *dims_or_shape(b, spec.out_spatial, kernel, 3)]))
+    columns = conv_windows(b, x, spec.window, groups * group_channels)
+    modulated = b.mul(b.reshape(columns, [0, groups, group_channels, taps, -1]), b.reshape(kernel, [0, groups, 1, taps, -1]))
+    rows_and_positions = [0, groups * group_channels * taps, *dims_or_shape(b, spec.out_spatial, kernel, 3)]
+    spatial = b.reshape(modulated, shape_vector(b, rows_and_positions))
     conv_inputs = [spatial, _flat_weight(b, spec, w, *(1,) * rank), *([inputs[3]] if spec.bias else [])]
     b.op("Conv", conv_inputs, {"kernel_shape": [1] * rank}, out=outputs[0])
 
@@ -253,11 +254,17 @@ def _conv_why_not(spec: PixelAdaptiveConvSpec) -> str | None:
 
 
 VARIANTS = (
-    SimpleVariant("unfold_einsum", _need_static_spatial, build_unfold_einsum, "Gather unfold, Mul by the kernel, Einsum with W (as exported)"),
-    SimpleVariant("shift_modulate_matmul", lambda spec: None, build_shift_modulate_matmul, "per tap: Slice * kernel plane, MatMul by W[:, :, k]; summed"),
-    SimpleVariant("shift_modulate_conv", _conv_why_not, build_shift_modulate_conv, "per tap: Slice * kernel plane, 1x1 Conv by W[:, :, k]; summed"),
-    SimpleVariant("modulated_im2col", lambda spec: None, build_modulated_im2col, "Slice + Concat columns * kernel, one MatMul by W [O, C*K]"),
-    SimpleVariant("conv_unfold", _conv_why_not, build_conv_unfold, "identity-kernel Conv unfold * kernel, one 1x1 Conv by W"),
+    SimpleVariant(
+        "unfold_einsum", _need_static_spatial, build_unfold_einsum, "Gather unfold, Mul by the kernel, Einsum with W (as exported)"
+    ),
+    SimpleVariant(
+        "shift_modulate_matmul", lambda spec: None, build_shift_modulate_matmul, "per tap: Slice * kernel plane, MatMul by W[:, :, k]"
+    ),
+    SimpleVariant(
+        "shift_modulate_conv", _conv_why_not, build_shift_modulate_conv, "per tap: Slice * kernel plane, 1x1 Conv by W[:, :, k]"
+    ),
+    SimpleVariant("modulated_im2col", lambda spec: None, build_modulated_im2col, "Slice + Concat columns * kernel, one MatMul"),
+    SimpleVariant("conv_unfold", _conv_why_not, build_conv_unfold, "identity-kernel Conv unfold * kernel, one 1x1 Conv"),
 )
 
 

@@ -99,7 +99,8 @@ def _view_layout(match: UnfoldMatch, kinds: list[str]) -> ViewLayout | None:
         return None
     layout = ViewLayout(channel_axes, len(kinds) - 3 - channel_axes)
     taps = kinds[layout.first_tap : layout.first_tap + layout.tap_axes]
-    if layout.tap_axes not in (1, 2) or taps != ["k"] * layout.tap_axes or kinds[layout.first_tap + layout.tap_axes :] != ["s", "s"]:
+    spatial = kinds[layout.first_tap + layout.tap_axes :]
+    if layout.tap_axes not in (1, 2) or taps != ["k"] * layout.tap_axes or spatial != ["s", "s"]:
         return None
     return layout
 

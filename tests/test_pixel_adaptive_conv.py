@@ -73,7 +73,7 @@ def oracle(x: np.ndarray, kernel: np.ndarray, w: np.ndarray, bias: np.ndarray | 
 def test_oracle_with_a_constant_kernel_is_torch_conv() -> None:
     """A kernel of ones everywhere makes PAC a plain convolution: torch's conv checks the oracle."""
     window = SlidingWindow((3, 2), (2, 1), (1, 2), (1, 0, 2, 1))
-    x, w, bias = torch.randn(2, 4, 7, 8, dtype=torch.float64), torch.randn(5, 4, 3, 2, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    x, w, bias = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 4, 7, 8), (5, 4, 3, 2), (5,)))
     out = window.output_size((7, 8))
     kernel = np.ones((2, 1, 6, *out))
     expected = F.conv2d(F.pad(x, (0, 1, 1, 2)), w, bias, stride=(2, 1), dilation=(1, 2))
@@ -87,7 +87,8 @@ def test_oracle_is_pacnet_pacconv2d(dilation: int) -> None:
     window = SlidingWindow((3, 3), (1, 1), (dilation,) * 2, (dilation,) * 4)
     with torch.inference_mode():
         expected = module(x, kernel).numpy()
-    got = oracle(x.numpy(), kernel.reshape(2, 1, 9, 6, 7).numpy(), module.weight.detach().numpy(), module.bias.detach().numpy(), window)
+    weight, bias = module.weight.detach().numpy(), module.bias.detach().numpy()
+    got = oracle(x.numpy(), kernel.reshape(2, 1, 9, 6, 7).numpy(), weight, bias, window)
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -192,7 +193,8 @@ def test_function_body_runs_for_any_shape_in_float64(bias: bool) -> None:
     model = single_node_model(OP, inputs, 3, attrs=window.attrs(), opset=18, domain=DOMAIN, elem_type=onnx.TensorProto.DOUBLE)
     attach_functions(model)
     for x_shape, groups, out_channels in (((2, 6, 11), 3, 4), ((1, 4, 4), 4, 1)):
-        a = {k: v.astype(np.float64) if v is not None else None for k, v in arrays(window, x_shape, groups, out_channels, bias).items()}
+        drawn = arrays(window, x_shape, groups, out_channels, bias)
+        a = {k: v.astype(np.float64) if v is not None else None for k, v in drawn.items()}
         (got,) = run(model, {k: v for k, v in a.items() if v is not None})
         np.testing.assert_allclose(got, oracle(a["x"], a["k"], a["w"], a["b"], window), rtol=1e-12, atol=1e-12)
 
@@ -236,7 +238,9 @@ def test_nodes_that_cannot_be_described_say_why(k_shape: tuple, w_shape: tuple, 
 # --- pacnet's pacconv2d, exported ----------------------------------------------------------------------
 
 
-def export(module: nn.Module, inputs: tuple, dynamo: bool, opset: int, path: Path, dynamic: bool = False) -> tuple[onnx.ModelProto, dict, np.ndarray]:
+def export(
+    module: nn.Module, inputs: tuple, dynamo: bool, opset: int, path: Path, dynamic: bool = False
+) -> tuple[onnx.ModelProto, dict, np.ndarray]:
     """The module exported by plain torch.onnx.export (batch, height and width symbolic when
     `dynamic`), its feeds and torch eager's output."""
     module.eval()
@@ -328,7 +332,8 @@ class PacVariants(nn.Module):
         n, c, h, w = x.shape
         cols = F.unfold(x, 3, padding=1)
         if self.form == "merged_taps":
-            return torch.einsum("nckhw,ock->nohw", cols.view(n, c, 9, h, w) * kernel.view(n, 1, 9, h, w), self.weight.view(5, 4, 9))
+            product = cols.view(n, c, 9, h, w) * kernel.view(n, 1, 9, h, w)
+            return torch.einsum("nckhw,ock->nohw", product, self.weight.view(5, 4, 9))
         if self.form == "two_kernel_groups":  # a kernel per group of 2 channels: G = 2
             grouped = cols.view(n, 2, 2, 3, 3, h, w) * kernel.view(n, 2, 1, 3, 3, h, w)
             return torch.einsum("igaklmn,ogakl->iomn", grouped, self.weight.view(5, 2, 2, 3, 3))
@@ -439,6 +444,7 @@ def test_inspect_and_cli_lower_know_the_op(tmp_path: Path, capsys: pytest.Captur
 
 def test_the_look_alikes_own_pac_form_is_recognized(tmp_path: Path) -> None:
     """The control for the look-alikes above: the same module, written as a PAC, is recognized."""
-    model, feeds, expected = export(LookAlike("pac"), (torch.randn(2, 4, 6, 5), torch.randn(2, 1, 3, 3, 6, 5)), True, 18, tmp_path / "m.onnx")
+    inputs = (torch.randn(2, 4, 6, 5), torch.randn(2, 1, 3, 3, 6, 5))
+    model, feeds, expected = export(LookAlike("pac"), inputs, True, 18, tmp_path / "m.onnx")
     assert [n.op_type for n in canonical_nodes(model)] == [OP]
     np.testing.assert_allclose(run(recognized(model), feeds)[0], expected, atol=ATOL, rtol=RTOL)
