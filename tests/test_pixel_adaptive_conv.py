@@ -7,6 +7,7 @@ Real torch.onnx.export, real onnxruntime (CPU), models written under tmp_path; n
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -430,7 +431,7 @@ def test_a_bias_that_is_not_a_constant_stays_an_add(tmp_path: Path) -> None:
 # --- the command line ---------------------------------------------------------------------------------------
 
 
-def test_inspect_and_cli_lower_know_the_op(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_lower_and_optimize_on_the_command_line_know_the_op(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "pac.onnx"
     model, feeds, expected = export(PixelAdaptive(4, 8, 3), pac_inputs(), False, 17, path)
     (info,) = [i for i in inspect_model(model) if i.op == OP]
@@ -439,6 +440,12 @@ def test_inspect_and_cli_lower_know_the_op(tmp_path: Path, capsys: pytest.Captur
     target = tmp_path / "lowered.onnx"
     assert main(["lower", str(path), "--variant", "pixeladaptiveconv=modulated_im2col", "-o", str(target)]) == 0
     assert "modulated_im2col" in capsys.readouterr().out
+    np.testing.assert_allclose(run(onnx.load(target), feeds)[0], expected, atol=ATOL, rtol=RTOL)
+    report = tmp_path / "report.json"
+    args = ["--variants", "PixelAdaptiveConv=shift_modulate_matmul", "--no-cache", "--no-guard", "--report", str(report)]
+    assert main(["optimize", str(path), "-o", str(target), *args]) == 0
+    (entry,) = [n for n in json.loads(report.read_text())["nodes"] if n["op"] == OP]
+    assert {name for name, v in entry["variants"].items() if v["status"] == "ok"} == {"shift_modulate_matmul"}
     np.testing.assert_allclose(run(onnx.load(target), feeds)[0], expected, atol=ATOL, rtol=RTOL)
 
 
