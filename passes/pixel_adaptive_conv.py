@@ -10,7 +10,7 @@ for X `[N, C, *S]`, the per-pixel kernel Kn `[N, G, K, *S_out]` (usually G = 1),
 W `[O, C, *kernel_shape]`, the optional bias B `[O]`, and Y `[N, O, *S_out]`.
 
 pacnet writes it as unfold, multiply by the kernel, Einsum with W (`unfold_einsum` here, what the
-exporters emit). The other variants never build the gathered copy:
+exporters emit). The other variants never build the Gather-indexed copy:
 
 - `shift_modulate_matmul`: per tap, a strided Slice of padded X times that tap's kernel plane,
   contracted with `W[:, :, k]` by one MatMul over channels; the K products summed.
@@ -19,10 +19,10 @@ exporters emit). The other variants never build the gathered copy:
 - `conv_unfold`: columns by an identity-kernel grouped Conv (onnxruntime's im2col), modulated,
   then one 1x1 Conv with W as `[O, C*K, 1, ..]`.
 
-A constant W (or B) is rearranged once in NumPy; W given as a graph input gets Reshape/Gather nodes.
+A constant W (or B) is rearranged once in NumPy; W given as a graph input gets Reshape/Slice nodes.
 The op's model-local function body is modulated im2col in channels-last form ending in one Gemm,
 whose optional C input takes B: a node without a bias leaves the function's B input missing, which
-Gemm accepts, so one body serves both. Its Gemm runs float32 and float64 on onnxruntime's CPU.
+Gemm accepts, so one body serves both (float16, float32 and float64 on onnxruntime's CPU).
 """
 
 from __future__ import annotations

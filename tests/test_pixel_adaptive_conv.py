@@ -186,18 +186,22 @@ def test_unfold_einsum_keeps_a_symbolic_batch() -> None:
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_function_body_runs_for_any_shape_in_float64(bias: bool) -> None:
+@pytest.mark.parametrize("elem_type, tolerance", [(onnx.TensorProto.DOUBLE, 1e-12), (onnx.TensorProto.FLOAT16, 2e-2)])
+def test_function_body_runs_for_any_shape_and_float_type(bias: bool, elem_type: int, tolerance: float) -> None:
     """One body serves every node with these attributes, the bias given or not (Gemm's optional C)."""
     window = SlidingWindow((3,), (2,), (1,), (1, 0))
     inputs: list = [("x", ("N", "C", "L")), ("k", ("N", "G", 3, "M")), ("w", ("O", "C", 3))]
     inputs += [("b", ("O",))] if bias else []
-    model = single_node_model(OP, inputs, 3, attrs=window.attrs(), opset=18, domain=DOMAIN, elem_type=onnx.TensorProto.DOUBLE)
+    model = single_node_model(OP, inputs, 3, attrs=window.attrs(), opset=18, domain=DOMAIN, elem_type=elem_type)
     attach_functions(model)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
     for x_shape, groups, out_channels in (((2, 6, 11), 3, 4), ((1, 4, 4), 4, 1)):
         drawn = arrays(window, x_shape, groups, out_channels, bias)
-        a = {k: v.astype(np.float64) if v is not None else None for k, v in drawn.items()}
-        (got,) = run(model, {k: v for k, v in a.items() if v is not None})
-        np.testing.assert_allclose(got, oracle(a["x"], a["k"], a["w"], a["b"], window), rtol=1e-12, atol=1e-12)
+        a = {k: v.astype(dtype) for k, v in drawn.items() if v is not None}
+        (got,) = run(model, a)
+        assert got.dtype == dtype
+        expected = oracle(a["x"], a["k"], a["w"], a.get("b"), window)
+        np.testing.assert_allclose(got.astype(np.float64), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_spec_and_reasons_a_variant_does_not_apply() -> None:
