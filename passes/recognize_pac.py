@@ -218,9 +218,10 @@ def _replace(graph: gs.Graph, opset: int, per_trial: list[PacMatch]) -> None:
     spatial_axis = len(kernel.shape) - window.rank
     target = [0, match.groups, window.taps, *dims_or_shape(b, out_spatial, kernel, spatial_axis)]
     canonical_kernel = b.reshape(kernel, shape_vector(b, target))
+    canonical_kernel.name = _stable_name(replaced, "kernel")
     canonical_kernel.shape = [kernel.shape[0], match.groups, window.taps, *kernel.shape[spatial_axis:]]
     canonical_kernel.dtype = kernel.dtype
-    inputs = [local(graph, match.unfold.source), canonical_kernel, _canonical_weight(b, graph, match)]
+    inputs = [local(graph, match.unfold.source), canonical_kernel, _canonical_weight(b, graph, match, replaced)]
     if match.bias is not None:
         inputs.append(b.const(constant_value(match.bias).reshape(match.out_channels), "bias"))  # type: ignore[union-attr]
     attrs = window.attrs()
@@ -228,7 +229,14 @@ def _replace(graph: gs.Graph, opset: int, per_trial: list[PacMatch]) -> None:
     add_function(graph, OP_TYPE, attrs, opset)
 
 
-def _canonical_weight(b: Builder, graph: gs.Graph, match: PacMatch) -> gs.Tensor:
+def _stable_name(replaced: gs.Node, role: str) -> str:
+    """The name of a run-time input the canonical node gets: made from the replaced node's name, so
+    the same in every import of the model whatever else the import emits (optimize reads the
+    input's shape at the profiling sizes from a statically bound import, by name)."""
+    return f"{replaced.name or OP_TYPE}/{role}"
+
+
+def _canonical_weight(b: Builder, graph: gs.Graph, match: PacMatch, replaced: gs.Node) -> gs.Tensor:
     """The weight as `[O, C, kh, kw]`: rearranged in NumPy when constant, else by nodes; as it is
     when it already has that layout."""
     weight = local(graph, match.weight)
@@ -242,6 +250,7 @@ def _canonical_weight(b: Builder, graph: gs.Graph, match: PacMatch) -> gs.Tensor
         return weight
     rearranged_weight = rearranged(b, weight, *steps)
     if isinstance(rearranged_weight, gs.Variable):
+        rearranged_weight.name = _stable_name(replaced, "weight")
         rearranged_weight.shape, rearranged_weight.dtype = list(target), weight.dtype
     return rearranged_weight
 
