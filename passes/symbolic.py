@@ -35,9 +35,11 @@ from .base import Dim, constant_value, static_shape
 
 M = TypeVar("M")
 
-SHAPE_ARITHMETIC = frozenset(
-    {"Add", "Sub", "Mul", "Div", "Neg", "Range", "Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Gather", "Slice", "Identity"}
-)
+SHAPE_ARITHMETIC = frozenset({
+    "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Max", "Min", "Range", "Unsqueeze", "Squeeze", "Concat", "Cast",
+    "Reshape", "Gather", "Slice", "Identity", "ConstantOfShape", "Transpose", "Expand", "Equal", "Less", "Greater",
+    "Not", "Where",
+})
 """Ops the exporters use to compute indices, sizes and shapes from Shape; folded with onnx.reference."""
 MAX_FOLDED_RANGE = 1 << 20
 """The longest Range folded: index arithmetic is as long as a spatial axis, never more."""

@@ -6,11 +6,17 @@ stride)` as
     Pad(x) -> Gather(axis=2, index[kh, ho]) -> Gather(axis=4, index[kw, wo]) -> Transpose(0,1,2,4,3,5)
 
 with `index[k, p] = k * dilation + p * stride`, giving T `[N, C, Kh, Kw, Ho, Wo]`; one Reshape or
-more then make the `[N, C*K, L]` of F.unfold or the user's view of it. The dynamo exporter stores
-the indices as initializers; the TorchScript one computes them from `Shape(x)` with Range and Add,
-so indices are read by folding that arithmetic (spatial extents must be static).
+more then make the `[N, C*K, L]` of F.unfold or the user's view of it. At static dims the dynamo
+exporter stores the indices as initializers; the TorchScript one, and both under symbolic dims,
+compute them from `Shape(x)` with Range and Add:
 
-Two recognizers run, in order:
+    Shape(x) -> Gather -> Add(pads) -> Sub(reach - 1) -> Range -> Unsqueeze -> Add([[0], [d], [2d]]) -> index
+
+The matchers read static shapes and fold that arithmetic (`folded_value`); under symbolic dims
+they run at trial sizes (`symbolic.matches_at_every_size`), and the rewrite reads the batch and
+the output extent from the input's run-time shape, so the model keeps its symbolic dims.
+
+Two recognizers run (plain unfolds last, after every recognizer that consumes an unfold):
 
 1. `recognize_dynamic_filters`: a view of T weighted by filters and summed over exactly the kernel
    axes -- `einsum('nckhw,nkhw->nchw', ...)` (seed 000, method_1) or `(cols * f).sum(dim)` (kernel
@@ -497,8 +503,6 @@ def _replace_with_dynamic_filter(graph: gs.Graph, opset: int, per_trial: Sequenc
         out = output if i == len(targets) - 1 else None
         result = b.reshape(result, shape_vector(b, values), out=out) if op == "Reshape" else b.transpose(result, values, out=out)
     add_function(graph, DYNAMIC_FILTER, attrs, opset)
-
-
 
 
 register_recognizer(recognize_dynamic_filters)
