@@ -326,6 +326,33 @@ def test_pacnet_layer_under_symbolic_batch_and_spatial_dims(dynamo: bool, opset:
             np.testing.assert_allclose(got, expected, atol=ATOL, rtol=RTOL, err_msg=variant)
 
 
+class GuidedPac(nn.Module):
+    """pacnet's joint filtering: a Gaussian kernel from guidance features (its `packernel2d`: unfold
+    the guide, distance to the centre tap, exp), then `pacconv2d`."""
+
+    def __init__(self):
+        super().__init__()
+        self.pac = PixelAdaptive(3, 4, 3)
+
+    def forward(self, x, guide):
+        n, c, h, w = guide.shape
+        cols = F.unfold(guide, 3, padding=1).view(n, c, 3, 3, h, w)
+        diff = cols - cols[:, :, 1:2, 1:2]
+        return self.pac(x, torch.exp(-0.5 * (diff * diff).sum(dim=1, keepdim=True)))
+
+
+@pytest.mark.parametrize("dynamo, opset", EXPORTERS)
+def test_pacnet_joint_filter_with_its_guidance_kernel(dynamo: bool, opset: int, tmp_path: Path) -> None:
+    """The guide's unfold becomes a plain Unfold, the PAC a PixelAdaptiveConv; both lower."""
+    inputs = (torch.randn(2, 3, 8, 7), torch.randn(2, 2, 8, 7))
+    model, feeds, expected = export(GuidedPac(), inputs, dynamo, opset, tmp_path / "guided.onnx")
+    assert sorted(n.op_type for n in canonical_nodes(model)) == [OP, "Unfold"]
+    np.testing.assert_allclose(run(recognized(model), feeds)[0], expected, atol=ATOL, rtol=RTOL)
+    result = convlower.lower(model, [f"{OP}=shift_modulate_matmul", "Unfold=slice_concat"])
+    assert sorted(n.variant for n in result.nodes) == ["shift_modulate_matmul", "slice_concat"]
+    np.testing.assert_allclose(run(result.model, feeds)[0], expected, atol=ATOL, rtol=RTOL)
+
+
 # --- other ways of writing it, recognized ----------------------------------------------------------------
 
 
