@@ -274,8 +274,9 @@ def canonical_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in recognized(model).graph.node if n.domain == DOMAIN]
 
 
-def pac_inputs(batch: int = 2, channels: int = 4, size: tuple[int, int] = (7, 6), groups: int = 1, taps: tuple = (3, 3)) -> tuple:
-    return torch.randn(batch, channels, *size), torch.randn(batch, groups, *taps, *size)
+def pac_inputs(batch: int = 2, channels: int = 4, size: tuple[int, int] = (7, 6), groups: int = 1) -> tuple:
+    """X and a 3x3 kernel `[N, G, 3, 3, H, W]` as pacnet's layer takes them."""
+    return torch.randn(batch, channels, *size), torch.randn(batch, groups, 3, 3, *size)
 
 
 @pytest.mark.parametrize("dynamo, opset", EXPORTERS)
