@@ -10,7 +10,7 @@ which both exporters (legacy opset 17, dynamo opset 18) emit as
 
     x ─ Pad ─ Gather(axis 2) ─ Gather(axis 4) ─ Transpose(0,1,2,4,3,5) ─ [Reshape ...] ─ T [N, C, kh, kw, Ho, Wo]
                                                                                          │
-    kernel [N, G, kh, kw, Ho, Wo]   (G = 1, or G = C) ──────────────────────────────── Mul
+    kernel [N, G, kh, kw, Ho, Wo]   (G = 1 or C) ───────────────────────────────────── Mul
                                                                                          │
     weight [O, C, kh, kw] ────────────────────────── Einsum('ijklmn,ojkl->iomn') ─ [N, O, Ho, Wo]
                                                                                          │
@@ -31,9 +31,9 @@ the Einsum feeds nothing else. Under symbolic batch and spatial dims the static 
 trial sizes (`matches_at_every_size`) and the kernel's Reshape reads the varying dims at run time.
 
 Left as they are: a kernel broadcast over the batch (or over any tap or spatial axis), a kernel
-that runs along the inner split of the channels only, an Einsum that keeps a kernel or channel axis or sums a
-spatial one, an output in another axis order, a view that merges the spatial axes, and a bias that
-is not a constant of those shapes (the Add then stays after the node).
+along the inner split of the channels only, an Einsum that keeps a kernel or channel axis or sums
+a spatial one, an output in another axis order, a view that merges the spatial axes, and a bias
+that is not a constant of those shapes (the Add then stays after the node).
 """
 
 from __future__ import annotations
