@@ -175,18 +175,21 @@ def _signature(match: ShiftLoopMatch) -> tuple:
 
 
 def recognize_shift_loops(graph: gs.Graph, opset: int) -> None:
-    """Replace every exported shift-and-sum loop with one `convlower.DynamicFilter` node."""
+    """Replace every exported shift-and-sum loop with one `convlower.DynamicFilter` node.
+
+    The filters tensor it gets is named after the output, so that a static-shape import of the
+    same model (optimize's shape probe) names it alike."""
     for per_trial in matches_at_every_size(graph, opset, find_shift_loops, _signature):
         match = per_trial[0]
         output, source, filters = (local(graph, t) for t in (match.output, match.source, match.filters))
         output.inputs.clear()
-        b = Builder(graph, opset, f"{output.name}/{DYNAMIC_FILTER}", dtype=output.dtype or np.float32)
+        name = f"{output.name}/{DYNAMIC_FILTER}"
+        b = Builder(graph, opset, name, dtype=output.dtype or np.float32)
         if list(match.channels) != list(range(match.filters.shape[1])):
-            gathered = b.op("Gather", [filters, b.ints(match.channels)], {"axis": 1})
-            gathered.shape, gathered.dtype = [filters.shape[0], match.window.taps, *filters.shape[2:]], filters.dtype
-            filters = gathered
-        planes = b.unsqueeze(filters, [1])
-        planes.shape, planes.dtype = [filters.shape[0], 1, *filters.shape[1:]], filters.dtype
+            shape = [filters.shape[0], match.window.taps, *filters.shape[2:]]
+            filters = b.op("Gather", [filters, b.ints(match.channels)], {"axis": 1}, out=gs.Variable(f"{name}/taps", filters.dtype, shape))
+        planes = gs.Variable(f"{name}/F", filters.dtype, [filters.shape[0], 1, *filters.shape[1:]])
+        b.unsqueeze(filters, [1], out=planes)
         attrs = match.window.attrs()
         b.op(DYNAMIC_FILTER, [source, planes], attrs, domain=DOMAIN, out=output)
         add_function(graph, DYNAMIC_FILTER, attrs, opset)

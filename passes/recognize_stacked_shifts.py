@@ -32,6 +32,7 @@ Reshape targets read the dims that vary between trials from the tensors' shapes 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,43 +132,45 @@ def _signature(match: StackedShiftsMatch) -> tuple:
     return match.output.name, match.burst.name, match.kernels.name, match.axis, match.window, match.order, match.groups
 
 
-def _folded(b: Builder, tensor: gs.Tensor, dims: tuple[int | None, ...], axis: int) -> gs.Tensor:
-    """`tensor` `[*lead, *rest]` (rest from `axis` on) as `[-1, *rest]`: constant where `rest` is
-    static at every trial, else read at run time."""
+def _folded(b: Builder, tensor: gs.Tensor, dims: tuple[int | None, ...], axis: int, name: str) -> gs.Tensor:
+    """`tensor` `[*lead, *rest]` (rest from `axis` on) as `[-1, *rest]`: a constant target where
+    `rest` is static at every trial, else read at run time."""
     rest = dims[axis:]
     if all(d is not None for d in rest):
         target: gs.Tensor | list[int] = [-1, *rest]  # type: ignore[list-item]
     else:
         target = shape_vector(b, [-1, b.shape(tensor, axis)])
-    folded = b.reshape(tensor, target)
-    folded.shape, folded.dtype = [None, *(d if d is not None else tensor.shape[axis + i] for i, d in enumerate(rest))], tensor.dtype
-    return folded
+    lead = dims[:axis]
+    batch = math.prod(lead) if all(d is not None for d in lead) else None  # type: ignore[arg-type]
+    shape = [batch, *(d if d is not None else tensor.shape[axis + i] for i, d in enumerate(rest))]
+    return b.reshape(tensor, target, out=gs.Variable(name, tensor.dtype, shape))
 
 
 def _rewrite(graph: gs.Graph, opset: int, per_trial: list[StackedShiftsMatch]) -> None:
+    """Emit the DynamicFilter for one match (found at every trial size) into the real graph. The
+    tensors around it are named after the output, so that a static-shape import of the same model
+    (optimize's shape probe) names them alike."""
     match = per_trial[0]
     output, burst, kernels = (local(graph, t) for t in (match.output, match.burst, match.kernels))
     burst_dims = dims_across(*(m.burst_shape for m in per_trial))
     kernel_dims = dims_across(*(m.kernel_shape for m in per_trial))
     output.inputs.clear()
     dtype = output.dtype or np.float32
-    b = Builder(graph, opset, f"{output.name}/{DYNAMIC_FILTER}", dtype=dtype)
+    name = f"{output.name}/{DYNAMIC_FILTER}"
+    b = Builder(graph, opset, name, dtype=dtype)
     axis = match.axis
-    x = _folded(b, burst, burst_dims, axis) if axis > 1 else burst
-    planes = _folded(b, kernels, kernel_dims, axis) if axis > 1 else kernels
+    x = _folded(b, burst, burst_dims, axis, f"{name}/X") if axis > 1 else burst
+    planes = _folded(b, kernels, kernel_dims, axis, f"{name}/kernels") if axis > 1 else kernels
     if list(match.order) != list(range(match.window.taps)):
-        gathered = b.op("Gather", [planes, b.ints(match.order)], {"axis": 1})
-        gathered.shape, gathered.dtype = planes.shape, planes.dtype
-        planes = gathered
+        planes = b.op("Gather", [planes, b.ints(match.order)], {"axis": 1}, out=gs.Variable(f"{name}/taps", planes.dtype, planes.shape))
     perm = [0, 2, 1, *range(3, len(planes.shape))]
-    filters = b.transpose(planes, perm)
-    filters.shape, filters.dtype = [planes.shape[p] for p in perm], planes.dtype
+    filters = b.transpose(planes, perm, out=gs.Variable(f"{name}/F", planes.dtype, [planes.shape[p] for p in perm]))
     attrs = match.window.attrs()
     if axis == 1:
         b.op(DYNAMIC_FILTER, [x, filters], attrs, domain=DOMAIN, out=output)
     else:
-        y = b.op(DYNAMIC_FILTER, [x, filters], attrs, domain=DOMAIN)
-        y.shape, y.dtype = [None, *x.shape[1:2], *filters.shape[3:]], dtype
+        y = gs.Variable(f"{name}/Y", dtype, [x.shape[0], x.shape[1], *filters.shape[3:]])
+        b.op(DYNAMIC_FILTER, [x, filters], attrs, domain=DOMAIN, out=y)
         out_dims = burst_dims[: axis + 1] + dims_across(*(m.out_spatial for m in per_trial))
         if all(d is not None for d in out_dims):
             target: gs.Tensor | list[int] = list(out_dims)  # type: ignore[arg-type]
