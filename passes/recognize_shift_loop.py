@@ -43,7 +43,7 @@ from . import register_recognizer
 from .base import Builder, constant_value
 from .dynamic_filter import OP_TYPE as DYNAMIC_FILTER, SlidingWindow
 from .local_functions import DOMAIN, add_function
-from .shifted_slices import ShiftedSlice, kernel_window, shifted_slice, sliced_ranges
+from .shifted_slices import ShiftedSlice, has_sliced_pad, kernel_window, shifted_slice, sliced_ranges
 from .symbolic import local, matches_at_every_size
 from .unfold import _reduce_sum_axes
 
@@ -179,6 +179,8 @@ def recognize_shift_loops(graph: gs.Graph, opset: int) -> None:
 
     The filters tensor it gets is named after the output, so that a static-shape import of the
     same model (optimize's shape probe) names it alike."""
+    if not has_sliced_pad(graph):
+        return
     for per_trial in matches_at_every_size(graph, opset, find_shift_loops, _signature):
         match = per_trial[0]
         output, source, filters = (local(graph, t) for t in (match.output, match.source, match.filters))
@@ -187,7 +189,8 @@ def recognize_shift_loops(graph: gs.Graph, opset: int) -> None:
         b = Builder(graph, opset, name, dtype=output.dtype or np.float32)
         if list(match.channels) != list(range(match.filters.shape[1])):
             shape = [filters.shape[0], match.window.taps, *filters.shape[2:]]
-            filters = b.op("Gather", [filters, b.ints(match.channels)], {"axis": 1}, out=gs.Variable(f"{name}/taps", filters.dtype, shape))
+            taps = gs.Variable(f"{name}/taps", filters.dtype, shape)
+            filters = b.op("Gather", [filters, b.ints(match.channels)], {"axis": 1}, out=taps)
         planes = gs.Variable(f"{name}/F", filters.dtype, [filters.shape[0], 1, *filters.shape[1:]])
         b.unsqueeze(filters, [1], out=planes)
         attrs = match.window.attrs()

@@ -43,7 +43,7 @@ from .base import Builder
 from .dynamic_filter import OP_TYPE as DYNAMIC_FILTER, SlidingWindow, shape_vector
 from .local_functions import DOMAIN, add_function
 from .recognize_shift_loop import _only_use, _unsqueezed_axes
-from .shifted_slices import kernel_window, shifted_slice
+from .shifted_slices import has_sliced_pad, kernel_window, shifted_slice
 from .symbolic import dims_across, local, matches_at_every_size
 from .unfold import _reduce_sum_axes
 
@@ -116,8 +116,8 @@ def _match(reduce: gs.Node, graph: gs.Graph, opset: int) -> StackedShiftsMatch |
             order[tap] = position
         burst = slices[0].source  # type: ignore[union-attr]
         return StackedShiftsMatch(
-            reduce.outputs[0], burst, kernels, axis, window, tuple(order), tuple(int(d) for d in burst.shape), tuple(kernel_shape),
-            slices[0].lengths,  # type: ignore[union-attr]
+            reduce.outputs[0], burst, kernels, axis, window, tuple(order),
+            tuple(int(d) for d in burst.shape), tuple(kernel_shape), slices[0].lengths,  # type: ignore[union-attr]
         )
     return None
 
@@ -162,7 +162,8 @@ def _rewrite(graph: gs.Graph, opset: int, per_trial: list[StackedShiftsMatch]) -
     x = _folded(b, burst, burst_dims, axis, f"{name}/X") if axis > 1 else burst
     planes = _folded(b, kernels, kernel_dims, axis, f"{name}/kernels") if axis > 1 else kernels
     if list(match.order) != list(range(match.window.taps)):
-        planes = b.op("Gather", [planes, b.ints(match.order)], {"axis": 1}, out=gs.Variable(f"{name}/taps", planes.dtype, planes.shape))
+        taps = gs.Variable(f"{name}/taps", planes.dtype, planes.shape)
+        planes = b.op("Gather", [planes, b.ints(match.order)], {"axis": 1}, out=taps)
     perm = [0, 2, 1, *range(3, len(planes.shape))]
     filters = b.transpose(planes, perm, out=gs.Variable(f"{name}/F", planes.dtype, [planes.shape[p] for p in perm]))
     attrs = match.window.attrs()
@@ -182,6 +183,8 @@ def _rewrite(graph: gs.Graph, opset: int, per_trial: list[StackedShiftsMatch]) -
 
 def recognize_stacked_shifts(graph: gs.Graph, opset: int) -> None:
     """Replace every exported stacked-shifts filter (KPN bursts) with one `convlower.DynamicFilter` node."""
+    if not has_sliced_pad(graph):
+        return
     for per_trial in matches_at_every_size(graph, opset, find_stacked_shifts, _signature):
         _rewrite(graph, opset, per_trial)
     graph.cleanup()

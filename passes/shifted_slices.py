@@ -43,6 +43,12 @@ Range = tuple[int, int, int]
 """Positions read along one axis: (first position, step, count)."""
 
 
+def has_sliced_pad(graph: gs.Graph) -> bool:
+    """Whether any Pad output is sliced: without one there is no shifted slice to find (and no
+    reason to bind symbolic dims to trial sizes, which infers shapes through the whole graph)."""
+    return any(n.op == "Pad" and any(c.op == "Slice" for t in n.outputs for c in t.outputs) for n in graph.nodes)
+
+
 def folded_pads(tensor: gs.Tensor, opset: int, depth: int = 16) -> np.ndarray | None:
     """`folded_value`, also through ConstantOfShape and Transpose (F.pad's pads in TorchScript exports)."""
     value = folded_value(tensor, opset)
@@ -188,10 +194,11 @@ def kernel_window(slices: Sequence[ShiftedSlice]) -> tuple[SlidingWindow, list[i
     if not slices:
         return None
     first = slices[0]
-    if any(
-        (s.source, s.first_spatial, s.pads, s.steps, s.lengths) != (first.source, first.first_spatial, first.pads, first.steps, first.lengths)
-        for s in slices
-    ):
+
+    def reads(s: ShiftedSlice) -> tuple:
+        return s.source, s.first_spatial, s.pads, s.steps, s.lengths
+
+    if any(reads(s) != reads(first) for s in slices):
         return None
     kernel, dilations = [], []
     for axis in range(len(first.offsets)):

@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 import convlower
-from convlower.models.idioms import ShiftLoop, StackedShifts
+from convlower.models.idioms import FilterNet, ShiftLoop, StackedShifts
 from convlower.passes.local_functions import DOMAIN
 from tests.helpers import op_types, run
 from tests.test_recognize import ATOL, EXPORTERS, RTOL, canonical_nodes, recognized_model
@@ -42,7 +42,9 @@ others need static spatial extents)."""
 # --- exporting -------------------------------------------------------------------------------------
 
 
-def export(module: nn.Module, inputs: tuple, dynamo: bool, path: Path, dynamic: dict[int, dict[int, str]] | None = None) -> onnx.ModelProto:
+def export(
+    module: nn.Module, inputs: tuple, dynamo: bool, path: Path, dynamic: dict[int, dict[int, str]] | None = None
+) -> onnx.ModelProto:
     """The module exported by plain torch.onnx.export, inputs named in0, in1, ...; `dynamic` maps an
     input's index to {axis: dim name} for symbolic dims (dims with one name are one dim)."""
     module.eval()
@@ -56,7 +58,8 @@ def export(module: nn.Module, inputs: tuple, dynamo: bool, path: Path, dynamic: 
         kwargs["dynamic_shapes"] = tuple({a: dims[n] for a, n in dynamic.get(i, {}).items()} or None for i in range(len(inputs)))
     elif dynamic:
         kwargs["dynamic_axes"] = {names[i]: axes for i, axes in dynamic.items()}
-    torch.onnx.export(module, inputs, path, dynamo=dynamo, opset_version=18 if dynamo else 17, input_names=names, output_names=["y"], **kwargs)
+    opset = DYNAMO[1] if dynamo else LEGACY[1]
+    torch.onnx.export(module, inputs, path, dynamo=dynamo, opset_version=opset, input_names=names, output_names=["y"], **kwargs)
     return onnx.load(path)
 
 
@@ -163,7 +166,8 @@ class HandShifts(nn.Module):
 
     def forward(self, x, filters):
         h, w = x.shape[2:]
-        padded = F.pad(x, [self.pad] * 4, mode=self.mode, value=self.value) if self.mode == "constant" else F.pad(x, [self.pad] * 4, mode=self.mode)
+        value = {"value": self.value} if self.mode == "constant" else {}
+        padded = F.pad(x, [self.pad] * 4, mode=self.mode, **value)
         terms = []
         for n, ((i, j), c) in enumerate(self.taps):
             rows = 1 if self.crop and n == 0 else h
@@ -188,6 +192,29 @@ def test_taps_in_any_order_of_accumulation(tmp_path: Path) -> None:
     model = export(module, inputs, False, tmp_path / "shuffled.onnx")
     assert_recognized(model)
     assert "Gather" not in op_types(recognized_model(model))
+    assert_equal_to_torch(model, module, [inputs], LOWERINGS)
+
+
+def test_shift_loop_inside_a_filter_net(tmp_path: Path) -> None:
+    """Filters predicted from the image by a Conv and a softmax, as kernel-prediction nets do."""
+    module, inputs = FilterNet("shift_loop", channels=3, kernel_size=3), (torch.randn(2, 3, 8, 7),)
+    model = export(module, inputs, False, tmp_path / "net.onnx")
+    assert_recognized(model)
+    assert_equal_to_torch(model, module, [inputs], LOWERINGS)
+
+
+def test_one_sum_node_accumulates_like_adds(tmp_path: Path) -> None:
+    """Neither exporter writes a variadic Sum for `+`, but other tools do: the exported Add chain
+    replaced by one Sum of the terms is the same filter."""
+    module, inputs = ShiftLoop(2, 3), loop_inputs(2, 3)
+    model = export(module, inputs, False, tmp_path / "loop.onnx")
+    adds = [n for n in model.graph.node if n.op_type == "Add" and n.input[1].startswith("/Mul")]
+    terms = [adds[0].input[0]] + [n.input[1] for n in adds]
+    for node in adds:
+        model.graph.node.remove(node)
+    model.graph.node.append(onnx.helper.make_node("Sum", terms, ["y"]))
+    assert len(terms) == 9 and "Add" not in op_types(model)
+    assert_recognized(model)
     assert_equal_to_torch(model, module, [inputs], LOWERINGS)
 
 
@@ -238,6 +265,10 @@ def test_pads_other_than_zeros_are_left_alone_in_dynamo_exports(mode: str, value
 # --- stacked shifts (KPN bursts) --------------------------------------------------------------------
 
 
+BURST_AXES = {0: {0: "batch", 3: "h", 4: "w"}, 1: {0: "batch", 4: "h", 5: "w"}}
+"""Symbolic dims of a burst `[B, frames, C, H, W]` and its kernels `[B, frames, K, C, H, W]`."""
+
+
 def burst_inputs(kernel: int, shared: bool, batch: int = 2, size: int = 0, kernel_batch: int | None = None) -> tuple:
     frames = torch.randn(batch, 2, 3, 7 + size, 6 + size)
     kernels = torch.randn(kernel_batch or batch, 2, kernel * kernel, 1 if shared else 3, 7 + size, 6 + size)
@@ -259,7 +290,7 @@ def test_stacked_shifts_become_one_dynamic_filter(kernel: int, shared: bool, dyn
 @pytest.mark.parametrize("dynamo, opset", EXPORTERS)
 def test_stacked_shifts_with_symbolic_dims(dynamo: bool, opset: int, tmp_path: Path) -> None:
     module, inputs = StackedShifts(3), burst_inputs(3, False)
-    model = export(module, inputs, dynamo, tmp_path / "kpn.onnx", {0: {0: "batch", 3: "h", 4: "w"}, 1: {0: "batch", 4: "h", 5: "w"}})
+    model = export(module, inputs, dynamo, tmp_path / "kpn.onnx", BURST_AXES)
     assert_recognized(model)
     assert_keeps_symbolic_dims(model, {"batch", "h", "w"})
     assert_equal_to_torch(model, module, [inputs, burst_inputs(3, False, batch=3, size=3)], ["shift_sum"])
@@ -307,7 +338,7 @@ def test_stacked_look_alikes_are_left_alone(module: nn.Module, kernel_batch: int
 
 def test_optimize_a_symbolic_burst_denoiser(tmp_path: Path) -> None:
     module, inputs = StackedShifts(3), burst_inputs(3, True)
-    model = export(module, inputs, False, tmp_path / "kpn.onnx", {0: {0: "batch", 3: "h", 4: "w"}, 1: {0: "batch", 4: "h", 5: "w"}})
+    model = export(module, inputs, False, tmp_path / "kpn.onnx", BURST_AXES)
     result = convlower.optimize(model, input_shapes={"in0": (2, 2, 3, 7, 6), "in1": (2, 2, 9, 1, 7, 6)}, guard=False, cache=None)
     assert [n["op"] for n in result.report.to_dict()["nodes"]] == ["DynamicFilter"]
     for other in (inputs, burst_inputs(3, True, batch=3, size=2)):
