@@ -40,10 +40,18 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import register_recognizer
-from .base import Builder, constant_value
+from .base import Builder
 from .dynamic_filter import OP_TYPE as DYNAMIC_FILTER, SlidingWindow
 from .local_functions import DOMAIN, add_function
-from .shifted_slices import ShiftedSlice, has_sliced_pad, kernel_window, shifted_slice, sliced_ranges
+from .shifted_slices import (
+    ShiftedSlice,
+    has_sliced_pad,
+    kernel_window,
+    only_use,
+    shifted_slice,
+    sliced_ranges,
+    unsqueezed_axes,
+)
 from .symbolic import local, matches_at_every_size
 from .unfold import _reduce_sum_axes
 
@@ -64,25 +72,10 @@ class ShiftLoopMatch:
     """The filter channel of each tap, taps in row-major order."""
 
 
-def _unsqueezed_axes(node: gs.Node, opset: int) -> list[int] | None:
-    if node.op != "Unsqueeze":
-        return None
-    if opset >= 13:
-        axes = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    else:
-        axes = node.attrs.get("axes")
-    return None if axes is None else [int(a) for a in np.ravel(axes)]
-
-
-def _only_use(tensor: gs.Tensor, graph: gs.Graph) -> bool:
-    """Whether `tensor` feeds one node and is not a graph output: it may vanish with its consumer."""
-    return len(tensor.outputs) == 1 and tensor not in graph.outputs
-
-
 def _is_inner_sum(node: gs.Node, graph: gs.Graph) -> bool:
     """An Add/Sum whose result only feeds another Add/Sum: part of a larger accumulation."""
     out = node.outputs[0]
-    return _only_use(out, graph) and out.outputs[0].op in SUMS
+    return only_use(out, graph) and out.outputs[0].op in SUMS
 
 
 def _sum_terms(node: gs.Node, graph: gs.Graph) -> list[gs.Tensor]:
@@ -90,7 +83,7 @@ def _sum_terms(node: gs.Node, graph: gs.Graph) -> list[gs.Tensor]:
     terms = []
     for tensor in node.inputs:
         producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-        if producer is not None and producer.op in SUMS and _only_use(tensor, graph):
+        if producer is not None and producer.op in SUMS and only_use(tensor, graph):
             terms.extend(_sum_terms(producer, graph))
         else:
             terms.append(tensor)
@@ -100,7 +93,7 @@ def _sum_terms(node: gs.Node, graph: gs.Graph) -> list[gs.Tensor]:
 def _stacked_terms(reduce: gs.Node, graph: gs.Graph, opset: int) -> list[gs.Tensor]:
     """The terms of `ReduceSum(Concat(Unsqueeze(term, 0), ..., axis 0), axes [0], keepdims 0)`."""
     stacked = reduce.inputs[0]
-    if len(stacked.inputs) != 1 or stacked.inputs[0].op != "Concat" or not _only_use(stacked, graph):
+    if len(stacked.inputs) != 1 or stacked.inputs[0].op != "Concat" or not only_use(stacked, graph):
         return []
     concat = stacked.inputs[0]
     if int(concat.attrs.get("axis", 0)) != 0 or int(reduce.attrs.get("keepdims", 1)) != 0:
@@ -108,7 +101,7 @@ def _stacked_terms(reduce: gs.Node, graph: gs.Graph, opset: int) -> list[gs.Tens
     terms = []
     for tensor in concat.inputs:
         producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-        if producer is None or _unsqueezed_axes(producer, opset) != [0] or not _only_use(tensor, graph):
+        if producer is None or unsqueezed_axes(producer, opset) != [0] or not only_use(tensor, graph):
             return []
         terms.append(producer.inputs[0])
     rank = None if not terms or terms[0].shape is None else len(terms[0].shape) + 1
@@ -118,7 +111,7 @@ def _stacked_terms(reduce: gs.Node, graph: gs.Graph, opset: int) -> list[gs.Tens
 def _filtered_tap(term: gs.Tensor, graph: gs.Graph, opset: int) -> tuple[ShiftedSlice, gs.Tensor, int] | None:
     """(window, filters, channel) when `term` is `window * filters[:, channel:channel + 1]`, the
     filters `[N, Kf, *S_out]` matching the window's batch and extent."""
-    if len(term.inputs) != 1 or term.inputs[0].op != "Mul" or not _only_use(term, graph):
+    if len(term.inputs) != 1 or term.inputs[0].op != "Mul" or not only_use(term, graph):
         return None
     mul = term.inputs[0]
     if len(mul.inputs) != 2:

@@ -42,8 +42,7 @@ from . import register_recognizer
 from .base import Builder
 from .dynamic_filter import OP_TYPE as DYNAMIC_FILTER, SlidingWindow, shape_vector
 from .local_functions import DOMAIN, add_function
-from .recognize_shift_loop import _only_use, _unsqueezed_axes
-from .shifted_slices import has_sliced_pad, kernel_window, shifted_slice
+from .shifted_slices import has_sliced_pad, kernel_window, only_use, shifted_slice, unsqueezed_axes
 from .symbolic import dims_across, local, matches_at_every_size
 from .unfold import _reduce_sum_axes
 
@@ -70,15 +69,15 @@ class StackedShiftsMatch:
 
 def _stack(tensor: gs.Tensor, graph: gs.Graph, opset: int) -> tuple[gs.Node, int] | None:
     """The Concat of Unsqueezes on one new axis that makes `tensor`, and that axis."""
-    if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Concat" or not _only_use(tensor, graph) or tensor.shape is None:
+    if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Concat" or not only_use(tensor, graph) or tensor.shape is None:
         return None
     concat = tensor.inputs[0]
     axis = int(concat.attrs.get("axis", 0)) % len(tensor.shape)
     for part in concat.inputs:
         producer = part.inputs[0] if len(part.inputs) == 1 else None
-        if producer is None or not _only_use(part, graph):
+        if producer is None or not only_use(part, graph):
             return None
-        axes = _unsqueezed_axes(producer, opset)
+        axes = unsqueezed_axes(producer, opset)
         if axes is None or [a % len(tensor.shape) for a in axes] != [axis]:
             return None
     return concat, axis
@@ -86,7 +85,7 @@ def _stack(tensor: gs.Tensor, graph: gs.Graph, opset: int) -> tuple[gs.Node, int
 
 def _match(reduce: gs.Node, graph: gs.Graph, opset: int) -> StackedShiftsMatch | None:
     product = reduce.inputs[0]
-    if len(product.inputs) != 1 or product.inputs[0].op != "Mul" or not _only_use(product, graph):
+    if len(product.inputs) != 1 or product.inputs[0].op != "Mul" or not only_use(product, graph):
         return None
     if int(reduce.attrs.get("keepdims", 1)) != 0:
         return None

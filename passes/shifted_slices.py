@@ -43,6 +43,22 @@ Range = tuple[int, int, int]
 """Positions read along one axis: (first position, step, count)."""
 
 
+def unsqueezed_axes(node: gs.Node, opset: int) -> list[int] | None:
+    """The axes an Unsqueeze inserts (an input from opset 13, an attribute before); None for other nodes."""
+    if node.op != "Unsqueeze":
+        return None
+    if opset >= 13:
+        axes = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    else:
+        axes = node.attrs.get("axes")
+    return None if axes is None else [int(a) for a in np.ravel(axes)]
+
+
+def only_use(tensor: gs.Tensor, graph: gs.Graph) -> bool:
+    """Whether `tensor` feeds one node and is not a graph output: it may vanish with its consumer."""
+    return len(tensor.outputs) == 1 and tensor not in graph.outputs
+
+
 def has_sliced_pad(graph: gs.Graph) -> bool:
     """Whether any Pad output is sliced: without one there is no shifted slice to find (and no
     reason to bind symbolic dims to trial sizes, which infers shapes through the whole graph)."""

@@ -156,22 +156,25 @@ def test_shift_loop_with_symbolic_dims(rank: int, use_sum: bool, dynamo: bool, o
 
 class HandShifts(nn.Module):
     """A 2-D shift loop written out tap by tap: `padded[:, :, i:i+h, j:j+w] * filters[:, c:c+1]` for
-    each ((i, j), c) given, combined by `combine` ("add": `out = out + term`; "sum": `torch.stack`
+    each ((i, j), c) given (every `stride`-th position, as many as the filters have), combined by `combine` ("add": `out = out + term`; "sum": `torch.stack`
     and `.sum(0)`; "max": `.amax(0)`); `crop` shortens the first slice to one row."""
 
     def __init__(self, taps: list[tuple[tuple[int, int], int]], pad: int = 1, mode: str = "constant", value: float = 0.0,
-                 combine: str = "add", crop: bool = False) -> None:
+                 combine: str = "add", crop: bool = False, stride: int = 1) -> None:
         super().__init__()
         self.taps, self.pad, self.mode, self.value, self.combine, self.crop = taps, pad, mode, value, combine, crop
+        self.stride = stride
 
     def forward(self, x, filters):
-        h, w = x.shape[2:]
         value = {"value": self.value} if self.mode == "constant" else {}
         padded = F.pad(x, [self.pad] * 4, mode=self.mode, **value)
+        h, w = filters.shape[2:]
+        s = self.stride
         terms = []
         for n, ((i, j), c) in enumerate(self.taps):
             rows = 1 if self.crop and n == 0 else h
-            terms.append(padded[:, :, i : i + rows, j : j + w] * filters[:, c : c + 1])
+            window = padded[:, :, i : i + s * (rows - 1) + 1 : s, j : j + s * (w - 1) + 1 : s]
+            terms.append(window * filters[:, c : c + 1])
         if self.combine == "sum":
             return torch.stack(terms).sum(0)
         if self.combine == "max":
@@ -233,6 +236,13 @@ def test_spaced_offsets_are_a_dilation(tmp_path: Path) -> None:
     module, inputs = HandShifts(taps, pad=2), loop_inputs(2, 3)
     model = export(module, inputs, False, tmp_path / "dilated.onnx")
     assert assert_recognized(model) == {"kernel_shape": [3, 3], "strides": [1, 1], "dilations": [2, 2], "pads": [2, 2, 2, 2]}
+    assert_equal_to_torch(model, module, [inputs], LOWERINGS)
+
+
+def test_strided_slices_are_a_stride(tmp_path: Path) -> None:
+    module, inputs = HandShifts(ROW_MAJOR_3x3, stride=2), (torch.randn(2, 3, 7, 6), torch.randn(2, 9, 4, 3))
+    model = export(module, inputs, False, tmp_path / "strided.onnx")
+    assert assert_recognized(model) == {"kernel_shape": [3, 3], "strides": [2, 2], "dilations": [1, 1], "pads": [1, 1, 1, 1]}
     assert_equal_to_torch(model, module, [inputs], LOWERINGS)
 
 
