@@ -29,15 +29,10 @@ from typing import Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx.reference import ReferenceEvaluator
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .base import attr_text, constant_value, static_shape
 from .dynamic_filter import SlidingWindow
-from .unfold import SHAPE_ARITHMETIC, folded_value
-
-PAD_ARITHMETIC = SHAPE_ARITHMETIC | {"ConstantOfShape", "Transpose"}
-"""What the TorchScript exporter computes F.pad's pads with, beyond `folded_value`'s shape arithmetic."""
+from .symbolic import folded_value
 
 Range = tuple[int, int, int]
 """Positions read along one axis: (first position, step, count)."""
@@ -65,24 +60,6 @@ def has_sliced_pad(graph: gs.Graph) -> bool:
     return any(n.op == "Pad" and any(c.op == "Slice" for t in n.outputs for c in t.outputs) for n in graph.nodes)
 
 
-def folded_pads(tensor: gs.Tensor, opset: int, depth: int = 16) -> np.ndarray | None:
-    """`folded_value`, also through ConstantOfShape and Transpose (F.pad's pads in TorchScript exports)."""
-    value = folded_value(tensor, opset)
-    if value is not None or depth == 0 or len(tensor.inputs) != 1:
-        return value
-    node = tensor.inputs[0]
-    if node.op not in PAD_ARITHMETIC or (node.domain or "") not in ("", "ai.onnx"):
-        return None
-    inputs = [folded_pads(t, opset, depth - 1) if t.name else np.empty(0) for t in node.inputs]
-    if any(v is None for v in inputs):
-        return None
-    values = {t.name: v for t, v in zip(node.inputs, inputs) if t.name}
-    try:
-        return ReferenceEvaluator(OnnxExporter.export_node(node), opsets={"": opset}).run(None, values)[0]
-    except Exception:  # noqa: BLE001 - onnx.reference raises many kinds; an unfoldable value is just unknown
-        return None
-
-
 def spatial_zero_pads(pad: gs.Node, opset: int, rank: int, first_spatial: int) -> tuple[int, ...] | None:
     """The pads (ONNX order, spatial axes only) of a constant-mode Pad that pads a rank-`rank` tensor
     with zeros on the axes from `first_spatial` on and nowhere else; None for any other Pad."""
@@ -94,7 +71,7 @@ def spatial_zero_pads(pad: gs.Node, opset: int, rank: int, first_spatial: int) -
         fill = constant_value(pad.inputs[2])
         if fill is None or np.any(fill != 0):
             return None
-    pads = folded_pads(pad.inputs[1], opset)
+    pads = folded_value(pad.inputs[1], opset)
     if pads is None or pads.shape != (2 * rank,) or np.any(pads < 0):
         return None
     if np.any(pads[:first_spatial]) or np.any(pads[rank : rank + first_spatial]):
