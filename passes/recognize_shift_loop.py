@@ -17,9 +17,10 @@ is exported by both torch exporters, at ranks 1 to 3, as
 and a variadic `Sum` node may stand for any Add of the tree. The taps may come in any order: what
 is matched is the set of (window -> filter channel) pairs. The windows must be exactly the taps of
 one sliding window (`shifted_slices.kernel_window`: a complete k1 x k2 (x k3) box, each offset once,
-spaced by the dilation, as long as the Conv output); each filter slice must be one channel of one
-filters tensor `[N, Kf, *S_out]` with the input's batch (not broadcast over it) and the output's
-spatial extent. Recognizing the loop lets the tuner pick another lowering (on CPU the export already
+spaced by the dilation, all stepping by one stride, each as long as the Conv output); each filter
+slice must be one channel of one filters tensor `[N, Kf, *S_out]` with the input's batch (not
+broadcast over it) and the output's spatial extent. Every leaf of the tree must be such a term, and
+the inner sums used nowhere else: a bias or residual added into the same chain leaves it as it is. Recognizing the loop lets the tuner pick another lowering (on CPU the export already
 runs as fast as `shift_sum`).
 
 Rewrite:
