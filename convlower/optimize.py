@@ -32,7 +32,7 @@ from .errors import UsageError
 from .inputs import Feeds, feeds_shapes, load_npz
 from .modelio import ModelLike, default_opset, load_model
 from .report import NodeReport, Report
-from .rewrite import PlannedNode, all_graphs, apply_choices, import_graph, plan_nodes
+from .rewrite import PlannedNode, all_graphs, apply_choices, finish, import_graph, plan_nodes
 from .runner import Runner, TimingPolicy, time_interleaved
 from .shapes import graph_inputs, resolve_shapes, with_static_inputs
 from .tune import ORIGINAL, NodeTuning, VariantOutcome, choose, tune_node, tuning_key
@@ -123,8 +123,9 @@ def optimize(
     planned = plan_nodes(graph, default_opset(proto))
     exported = {node.name for node in onnx_nodes(proto.graph)}
     recognized = {e.name for e in planned if e.family.domain and e.name not in exported}
-    static_shapes = _static_shapes(proto, shapes)
-    static_shapes.update(_observed_shapes(proto, _unknown_inputs(planned, graph, static_shapes), shapes, feeds, runner))
+    recognized_proto = finish(proto, graph)
+    static_shapes = _static_shapes(recognized_proto, shapes)
+    static_shapes.update(_observed_shapes(recognized_proto, _unknown_inputs(planned, graph, static_shapes), shapes, feeds, runner))
     groups = _group(planned, static_shapes, report)
     cache_store = TuningCache(default_cache_path() if cache is USE_DEFAULT_CACHE else cache)  # type: ignore[arg-type]
     environment = [runner.provider, runner.device, report.onnxruntime, threads]
@@ -186,9 +187,12 @@ def _given_feeds(model: onnx.ModelProto, inputs: str | Feeds | None) -> Feeds | 
     return dict(inputs) if isinstance(inputs, dict) else load_npz(inputs, graph_inputs(model))
 
 
-def _static_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...] | None]:
-    """Every tensor's shape (in every subgraph) once the inputs are bound to the profiling shapes."""
-    static = import_graph(with_static_inputs(model, shapes))
+def _static_shapes(recognized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...] | None]:
+    """Every tensor's shape (in every subgraph) once the inputs are bound to the profiling shapes.
+
+    `recognized` is the model as planned, recognized idioms included: recognizing again at static
+    shapes could name the tensors it makes otherwise."""
+    static = gs.import_onnx(with_static_inputs(recognized, shapes))
     found: dict[str, tuple[int, ...] | None] = {}
     for graph in all_graphs(static):
         for name, tensor in graph.tensors().items():
@@ -244,8 +248,10 @@ def _node_shapes(entry: PlannedNode, static: dict[str, tuple[int, ...] | None]) 
 
 
 def _candidates(entry: PlannedNode, allowed: dict[str, set[str]]):
+    """The variants to tune: those that apply, are allowed, and are exact, unless named despite a caveat."""
     names = allowed.get(entry.op.lower())
-    return [v for v in entry.family.variants if entry.why_not.get(v.name) is None and (names is None or v.name in names)]
+    return [v for v in entry.family.variants if entry.why_not.get(v.name) is None
+            and (v.name in names if names is not None else not v.caveat)]
 
 
 def _cached(cache: TuningCache, key: str, environment: list, entry: PlannedNode, allowed: dict[str, set[str]]) -> NodeTuning | None:
@@ -279,6 +285,8 @@ def _node_report(
             variants[variant.name] = {"status": "not_applicable", "reason": why}
         elif names is not None and variant.name not in names:
             variants[variant.name] = {"status": "skipped", "reason": "not in --variants"}
+        elif names is None and variant.caveat:
+            variants[variant.name] = {"status": "skipped", "reason": f"{variant.caveat}; name it in --variants to allow it"}
         elif variant.name in tuning.outcomes:
             variants[variant.name] = tuning.outcomes[variant.name].to_dict()
     shape = ", ".join("x".join(map(str, s)) for s in shapes.values())

@@ -32,12 +32,15 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from convlower.shapes import infer_shapes
 
 from .base import Dim, constant_value, static_shape
+from .local_functions import attach_functions
 
 M = TypeVar("M")
 
-SHAPE_ARITHMETIC = frozenset(
-    {"Add", "Sub", "Mul", "Div", "Neg", "Range", "Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Gather", "Slice", "Identity"}
-)
+SHAPE_ARITHMETIC = frozenset({
+    "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Max", "Min", "Range", "Unsqueeze", "Squeeze", "Concat", "Cast",
+    "Reshape", "Gather", "Slice", "Identity", "ConstantOfShape", "Transpose", "Expand", "Equal", "Less", "Greater",
+    "Not", "Where",
+})
 """Ops the exporters use to compute indices, sizes and shapes from Shape; folded with onnx.reference."""
 MAX_FOLDED_RANGE = 1 << 20
 """The longest Range folded: index arithmetic is as long as a spatial axis, never more."""
@@ -146,7 +149,7 @@ def trial_graphs(graph: gs.Graph, opset: int) -> list[gs.Graph]:
         if not all(_is_static_shape(t.shape) for t in trial.inputs):
             return []
         if _fold_shape_inputs(trial, opset):
-            trial = gs.import_onnx(infer_shapes(gs.export_onnx(trial, do_type_check=False)))
+            trial = gs.import_onnx(infer_shapes(_exported(trial)))
         _restore_weights(trial, weights)
         trials.append(trial)
     return trials
@@ -206,10 +209,16 @@ def _shapes_model(graph: gs.Graph, opset: int) -> tuple[onnx.ModelProto, dict[st
             for node in list(tensor.outputs):
                 node.inputs[:] = [stand_in if t is tensor else t for t in node.inputs]
             copy.inputs.append(stand_in)
-    model = gs.export_onnx(copy, do_type_check=False)
+    model = _exported(copy)
     if not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("", opset))
     return model, weights
+
+
+def _exported(graph: gs.Graph) -> onnx.ModelProto:
+    """The graph as a model whose canonical nodes carry their function overloads again (graphsurgeon
+    drops them; ONNX shape inference refuses a model with two bodies of one function otherwise)."""
+    return attach_functions(gs.export_onnx(graph, do_type_check=False))
 
 
 def _restore_weights(trial: gs.Graph, weights: dict[str, np.ndarray]) -> None:

@@ -6,11 +6,17 @@ stride)` as
     Pad(x) -> Gather(axis=2, index[kh, ho]) -> Gather(axis=4, index[kw, wo]) -> Transpose(0,1,2,4,3,5)
 
 with `index[k, p] = k * dilation + p * stride`, giving T `[N, C, Kh, Kw, Ho, Wo]`; one Reshape or
-more then make the `[N, C*K, L]` of F.unfold or the user's view of it. The dynamo exporter stores
-the indices as initializers; the TorchScript one computes them from `Shape(x)` with Range and Add,
-so indices are read by folding that arithmetic (spatial extents must be static).
+more then make the `[N, C*K, L]` of F.unfold or the user's view of it. At static dims the dynamo
+exporter stores the indices as initializers; the TorchScript one, and both under symbolic dims,
+compute them from `Shape(x)` with Range and Add:
 
-Two recognizers run, in order:
+    Shape(x) -> Gather -> Add(pads) -> Sub(reach - 1) -> Range -> Unsqueeze -> Add([[0], [d], [2d]]) -> index
+
+The matchers read static shapes and fold that arithmetic (`folded_value`); under symbolic dims
+they run at trial sizes (`symbolic.matches_at_every_size`), and the rewrite reads the batch and
+the output extent from the input's run-time shape, so the model keeps its symbolic dims.
+
+Two recognizers run (plain unfolds last, after every recognizer that consumes an unfold):
 
 1. `recognize_dynamic_filters`: a view of T weighted by filters and summed over exactly the kernel
    axes -- `einsum('nckhw,nkhw->nchw', ...)` (seed 000, method_1) or `(cols * f).sum(dim)` (kernel
@@ -499,8 +505,6 @@ def _replace_with_dynamic_filter(graph: gs.Graph, opset: int, per_trial: Sequenc
     add_function(graph, DYNAMIC_FILTER, attrs, opset)
 
 
-
-
 register_recognizer(recognize_dynamic_filters)
 
 
@@ -528,6 +532,8 @@ def recognize_unfolds(graph: gs.Graph, opset: int) -> None:
 
 # --- the Unfold family -------------------------------------------------------------------------------
 
+from .dynamic_filter import output_extents  # noqa: E402 - the family's own needs, kept with it
+
 
 @dataclass(frozen=True)
 class UnfoldSpec(WindowSpec):
@@ -538,22 +544,22 @@ def make_unfold_spec(node: gs.Node, opset: int) -> UnfoldSpec:
     return UnfoldSpec(**window_spec_fields(node))
 
 
-def _columns_out(b: Builder, spec: UnfoldSpec, stacked: gs.Tensor, out: gs.Variable) -> None:
-    """`[N, C, K..., *S_out]` (taps and positions each in row-major order) to `[N, C*K, L]`."""
-    static = [spec.channels, *spec.out_spatial]
-    if all(d is not None for d in static):
-        rows = int(spec.channels) * spec.window.taps  # type: ignore[arg-type]
-        b.reshape(stacked, [0, rows, math.prod(spec.out_spatial)], out=out)  # type: ignore[arg-type]
+def _columns_out(b: Builder, spec: UnfoldSpec, unfolded: gs.Tensor, out: gs.Variable) -> None:
+    """`[N, C, K..., *S_out]` (taps and positions each in row-major order, the K taps on one axis
+    or on one per spatial axis) to `[N, C*K, L]`."""
+    if spec.channels is not None:
+        b.reshape(unfolded, [0, spec.channels * spec.window.taps, -1], out=out)
         return
-    per_tap = b.reshape(stacked, [0, 0, 0, -1])
+    per_tap = b.reshape(unfolded, [0, 0, spec.window.taps, -1])
     b.reshape(per_tap, shape_vector(b, [0, -1, b.shape(per_tap, 3)]), out=out)
 
 
 def build_gather(b: Builder, spec: UnfoldSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
-    """As torch exports it: Pad, one Gather per spatial axis, Transpose, Reshape."""
+    """As torch exports it: Pad, one Gather per spatial axis (indices from Range at run time where
+    an extent is symbolic), Transpose, Reshape."""
     padded = pad_spatial(b, inputs[0], spec.window, leading_axes=2)
-    gathered = gathered_windows(b, padded, spec.window, spec.out_spatial, first_axis=2)  # type: ignore[arg-type]
-    _columns_out(b, spec, gathered, outputs[0])
+    extents = output_extents(b, spec.window, inputs[0], spec.out_spatial)
+    _columns_out(b, spec, gathered_windows(b, padded, spec.window, extents, first_axis=2), outputs[0])
 
 
 def build_slice_concat(b: Builder, spec: UnfoldSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
@@ -563,14 +569,20 @@ def build_slice_concat(b: Builder, spec: UnfoldSpec, inputs: Sequence[gs.Tensor]
 
 
 def build_conv_unfold(b: Builder, spec: UnfoldSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
-    """A grouped Conv with an identity kernel writes tap k of channel c to row c*K + k."""
+    """A grouped Conv with an identity kernel writes tap k of channel c to row c*K + k.
+
+    Exact for finite X only: the Conv's 0 * inf and 0 * NaN turn the other K - 1 rows of every
+    window holding a ±inf or NaN to NaN. DynamicFilter's conv_unfold mends ±inf (see `bounded`)
+    because a NaN tap makes its whole output NaN anyway; here each row is an output, and no single
+    elementwise op after the Conv can tell a spread NaN from a read one. Branching on the input
+    (`If`) would fix it at no cost, but onnx-graphsurgeon 0.6.1's toposort recurses forever on a
+    graph holding both functions and subgraphs."""
     columns = conv_windows(b, inputs[0], spec.window, int(spec.channels))  # type: ignore[arg-type]
     b.reshape(columns, [0, 0, -1], out=outputs[0])
 
 
-def _gather_why_not(spec: UnfoldSpec) -> str | None:
-    if spec.channels is None or any(d is None for d in spec.out_spatial):
-        return "needs static channels and spatial extents (the Gather indices are constants)"
+def _any_shape(spec: UnfoldSpec) -> str | None:
+    """Variants whose unknown dims are read off Shape at run time apply to every node."""
     return None
 
 
@@ -578,14 +590,17 @@ def _conv_unfold_why_not(spec: UnfoldSpec) -> str | None:
     if spec.dtype != "float32":
         return f"onnxruntime's CPU Conv runs float32 only, not {spec.dtype}"
     if spec.channels is None:
-        return "needs static channels (the identity kernel has C groups)"
+        return "needs static channels (the identity kernel has C * K output channels)"
     return None
 
 
 VARIANTS = (
-    SimpleVariant("gather", _gather_why_not, build_gather, "Pad + Gather per axis + Transpose (as exported)"),
-    SimpleVariant("slice_concat", lambda spec: None, build_slice_concat, "Pad + Slice per tap + Concat"),
-    SimpleVariant("conv_unfold", _conv_unfold_why_not, build_conv_unfold, "grouped Conv with an identity kernel"),
+    SimpleVariant("gather", _any_shape, build_gather, "Pad + Gather per axis + Transpose (as exported)"),
+    SimpleVariant("slice_concat", _any_shape, build_slice_concat, "Pad + Slice per tap + Concat"),
+    SimpleVariant(
+        "conv_unfold", _conv_unfold_why_not, build_conv_unfold, "grouped Conv with an identity kernel",
+        caveat="spreads NaN and ±inf in X to the other columns of their window (the identity kernel computes 0·inf)",
+    ),
 )
 
 

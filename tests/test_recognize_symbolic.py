@@ -19,7 +19,7 @@ from convlower.models.idioms import UnfoldMulSum, UnfoldSignal
 from convlower.passes import FAMILIES
 from convlower.passes.local_functions import DOMAIN
 from tests.helpers import run
-from tests.test_recognize import ATOL, EXPORTERS, RTOL, EinsumFilter, Method1, canonical_nodes, recognized_model
+from tests.test_recognize import ATOL, EXPORTERS, RTOL, EinsumFilter, Method1, MulReduce, canonical_nodes, recognized_model
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -193,3 +193,49 @@ def test_optimize_keeps_symbolic_dims_and_equals_torch_at_another_size(tmp_path:
     assert input_dims(result.model) == input_dims(model)
     sizes = [(torch.randn(1, 3, 16, 16), torch.rand(1, 9, 16, 16)), (torch.randn(2, 3, 24, 8), torch.rand(2, 9, 24, 8))]
     assert_equal_at_sizes(module, result.model, sizes)
+
+
+@pytest.mark.parametrize("dynamo, opset", EXPORTERS)
+@pytest.mark.parametrize(
+    "module, filter_shape, filter_axes",
+    [
+        pytest.param(MulReduce("mean"), (2, 9, 6, 5), IMAGE, id="mean-not-sum"),
+        pytest.param(MulReduce("amax"), (2, 9, 6, 5), IMAGE, id="max-not-sum"),
+        pytest.param(MulReduce("sum", dim=3), (2, 9, 6, 5), IMAGE, id="sum-over-rows"),
+        pytest.param(MulReduce("sum", dim=(1, 2)), (2, 9, 6, 5), IMAGE, id="sum-over-channels-too"),
+        pytest.param(MulReduce("sum"), (1, 9, 6, 5), {2: "height", 3: "width"}, id="filters-broadcast-over-batch"),
+    ],
+)
+def test_look_alikes_are_left_alone(module: nn.Module, filter_shape: tuple, filter_axes: dict, dynamo: bool, opset: int, tmp_path: Path) -> None:
+    inputs = (torch.randn(2, 4, 6, 5), torch.randn(filter_shape))
+    model = export_symbolic(module, inputs, [IMAGE, filter_axes], dynamo, opset, tmp_path / "m.onnx")
+    assert [n.op for n in canonical_nodes(model)] == ["Unfold"]
+    assert convlower.lower(model, ["DynamicFilter=shift_sum"]).nodes == []
+
+
+class PaddedFirst(nn.Module):
+    """The input padded by F.pad before an unpadded F.unfold: a dynamic filter only for zero padding."""
+
+    def __init__(self, mode: str, value: float = 0.0):
+        super().__init__()
+        self.mode, self.value = mode, value
+
+    def forward(self, x, filters):
+        n, c, h, w = x.shape
+        padded = F.pad(x, (1, 1, 1, 1), mode=self.mode, value=self.value) if self.mode == "constant" else F.pad(x, (1, 1, 1, 1), mode=self.mode)
+        return (F.unfold(padded, 3).view(n, c, 9, h, w) * filters.unsqueeze(1)).sum(2)
+
+
+@pytest.mark.parametrize("dynamo, opset", EXPORTERS)
+@pytest.mark.parametrize("mode, value", [("constant", 0.0), ("constant", 0.5), ("reflect", 0.0), ("replicate", 0.0)])
+def test_padding_stays_what_it_was(mode: str, value: float, dynamo: bool, opset: int, tmp_path: Path) -> None:
+    """The unfold itself does not pad: the filter runs over the padded tensor with no padding of
+    its own, whatever F.pad did (a zero pad may instead be folded into the window)."""
+    module = PaddedFirst(mode, value)
+    model = export_symbolic(module, (torch.randn(2, 4, 6, 5), torch.randn(2, 9, 6, 5)), [IMAGE, IMAGE], dynamo, opset, tmp_path / "p.onnx")
+    sizes = [(torch.randn(1, 4, 7, 9), torch.rand(1, 9, 7, 9)), (torch.randn(3, 4, 5, 8), torch.rand(3, 9, 5, 8))]
+    assert_recognized_under_symbolic_dims(module, model, "DynamicFilter", sizes, {"shift_sum"})
+    (node,) = canonical_nodes(model)
+    if mode != "constant" or value:
+        assert node.attrs["pads"] == [0, 0, 0, 0]
+        assert node.inputs[0].inputs[0].op == "Pad"
