@@ -3,6 +3,9 @@
     python benchmarks/bench_dynamic_filter.py [--idioms | --variants] [--only NAME,..] [--quick]
         [--threads 2] [--provider cpu|auto|cuda] [--no-compile] [--markdown PATH]
 
+    # the README's idiom table, about 10 minutes on 2 quiet cores (a third of it torch.compile):
+    python benchmarks/bench_dynamic_filter.py --idioms --markdown benchmarks/results/idioms.md
+
 Part 1, the idiom table (`--idioms`): each dynamic-filter idiom of `convlower.models.idioms`
 (F.unfold mul+sum, Tensor.unfold, a shift loop, KPN stacked shifts, F.unfold on a 1-D signal,
 Tensor.unfold on a 1-D signal, PAC, seed 000's method_1) is exported by both torch exporters
@@ -20,7 +23,7 @@ an idiom reads "export failed: <reason>".
 
 Part 2, the variant tables (`--variants`): seed 000's method_1 and a plain F.unfold exported by
 the dynamo exporter, lowered with each DynamicFilter / Unfold variant by `convlower.lower`, each
-checked against torch eager and timed interleaved with the graph as exported.
+checked against torch eager and timed interleaved with the graph as exported; torch eager apart.
 
 How it measures (no candidate is favoured): onnxruntime sessions come from convlower's Runner
 (worker threads do not spin); onnxruntime candidates are timed interleaved with
@@ -43,7 +46,7 @@ import sys
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,166 +57,13 @@ import torch
 import torch.nn.functional as F
 
 import convlower
+from convlower.models.idioms import FilterNet, PixelAdaptive, StackedShifts, TensorUnfold, UnfoldSignal
+from convlower.models.seed_filter import SeedFilter
 from convlower.ops import dynamic_filter
 from convlower.passes import FAMILIES
 from convlower.runner import Runner, Timing, TimingPolicy, time_calls, time_interleaved
 from convlower.tune import ORIGINAL
 from convlower.verify import compare
-
-VARIANT_SHAPES = [(2048, 1, 32, 32, 3), (8, 16, 64, 64, 3), (1, 64, 128, 128, 5)]
-
-
-class Method1(torch.nn.Module):
-    """Seed 000's method_1 (K fixed at construction)."""
-
-    def __init__(self, kernel: int):
-        super().__init__()
-        self.kernel = kernel
-
-    def forward(self, feature_map: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = feature_map.shape
-        k = self.kernel
-        unfolded = F.unfold(feature_map, k, padding=k // 2).view(n, c, k**2, h, w)
-        return torch.einsum("nckhw,nkhw->nchw", unfolded, filters)
-
-
-class Unfold(torch.nn.Module):
-    """A plain `F.unfold(x, K, padding=K // 2)`."""
-
-    def __init__(self, kernel: int):
-        super().__init__()
-        self.kernel = kernel
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.unfold(x, self.kernel, padding=self.kernel // 2)
-
-
-class Eager:
-    """A torch callable that `time_interleaved` can time beside onnxruntime sessions."""
-
-    provider = "torch eager (CPU)"
-
-    def __init__(self, fn: Callable[..., torch.Tensor]):
-        self.fn = fn
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return [self.runner_for(feeds)().numpy()]
-
-    def runner_for(self, feeds: dict[str, np.ndarray]) -> Callable[[], torch.Tensor]:
-        tensors = [torch.from_numpy(a) for a in feeds.values()]
-
-        def once() -> torch.Tensor:
-            with torch.inference_mode():
-                return self.fn(*tensors)
-
-        return once
-
-
-@dataclass
-class Row:
-    candidate: str
-    timing: Timing | None
-    provider: str = ""
-    note: str = ""
-
-
-@dataclass
-class Comparison:
-    """One op at one shape: the exported graph, its lowerings, torch eager."""
-
-    exported: str
-    eager: str
-    variants: list[str]
-    rows: list[Row]
-
-
-def export(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str]) -> onnx.ModelProto:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, inputs, buffer, dynamo=True, opset_version=18, input_names=names, output_names=["y"])
-    return onnx.load_from_string(buffer.getvalue())
-
-
-def compare_candidates(
-    exported: onnx.ModelProto,
-    op: str,
-    eager: dict[str, Callable[..., torch.Tensor]],
-    feeds: dict[str, np.ndarray],
-    runner: Runner,
-    policy: TimingPolicy,
-) -> Comparison:
-    """Lower `exported` with each variant of `op`; check every candidate against the first eager
-    callable's output; time the onnxruntime candidates interleaved, then the torch ones apart."""
-    variants = FAMILIES[op.lower()].variant_names
-    exported_name = "exported graph"
-    candidates: dict[str, Any] = {exported_name: runner.session(exported, what=exported_name)}
-    rows = []
-    for variant in variants:
-        result = convlower.lower(exported, [f"{op}={variant}"])
-        if result.lowered:
-            candidates[variant] = runner.session(result.model, what=variant)
-        else:
-            rows.append(Row(variant, None, note="; ".join(o.reason or "" for o in result.nodes) or "not recognized"))
-    candidates.update({name: Eager(fn) for name, fn in eager.items()})
-    reference = next(iter(eager))
-    expected = candidates[reference].run(feeds)[0]
-    for name, candidate in list(candidates.items()):
-        diff = compare("y", expected, candidate.run(feeds)[0], None, None)
-        if not diff.passed:
-            rows.append(Row(name, None, note=f"WRONG (max abs err {diff.max_abs_err:.3g})"))
-            del candidates[name]
-    # onnxruntime first, torch apart after it: torch's OpenMP threads spin after each call and
-    # would steal the cores from the next onnxruntime run.
-    onnx_names = [name for name, c in candidates.items() if not isinstance(c, Eager)]
-    torch_names = [name for name, c in candidates.items() if isinstance(c, Eager)]
-    timings = dict(zip(onnx_names, time_interleaved([candidates[n] for n in onnx_names], feeds, policy)))
-    timings.update(zip(torch_names, time_interleaved([candidates[n] for n in torch_names], feeds, policy)))
-    timed = [Row(name, timings[name], c.provider) for name, c in candidates.items()]
-    return Comparison(exported_name, reference, variants, timed + rows)
-
-
-def bench_dynamic_filter(shape: tuple[int, ...], runner: Runner, policy: TimingPolicy) -> Comparison:
-    n, c, h, w, k = shape
-    rng = np.random.default_rng(0)
-    feeds = {"x": rng.standard_normal((n, c, h, w)).astype(np.float32), "f": rng.random((n, k * k, h, w)).astype(np.float32)}
-    exported = export(Method1(k), (torch.from_numpy(feeds["x"]), torch.from_numpy(feeds["f"])), ["x", "f"])
-    eager = {"torch eager method_1": Method1(k), "torch eager dynamic_filter": lambda x, f: dynamic_filter(x, f, k)}
-    return compare_candidates(exported, "DynamicFilter", eager, feeds, runner, policy)
-
-
-def bench_unfold(shape: tuple[int, ...], runner: Runner, policy: TimingPolicy) -> Comparison:
-    n, c, h, w, k = shape
-    feeds = {"x": np.random.default_rng(0).standard_normal((n, c, h, w)).astype(np.float32)}
-    exported = export(Unfold(k), (torch.from_numpy(feeds["x"]),), ["x"])
-    return compare_candidates(exported, "Unfold", {"torch eager F.unfold": Unfold(k)}, feeds, runner, policy)
-
-
-def table(title: str, results: dict[tuple[int, ...], Comparison]) -> str:
-    header = f"{'shape (N, C, H, W, K)':<22} {title:<28} {'median ms':>10} {'p10-p90 ms':>17} {'vs exported':>12} {'vs eager':>9}"
-    lines = [header, "-" * len(header)]
-    for shape, comparison in results.items():
-        timed = {r.candidate: r.timing.median_ms for r in comparison.rows if r.timing is not None}
-        exported, eager = timed[comparison.exported], timed[comparison.eager]
-        label = str(shape)
-        for row in comparison.rows:
-            if row.timing is None:
-                lines.append(f"{label:<22} {row.candidate:<28} {row.note}")
-            else:
-                t = row.timing
-                spread = f"{t.p10_ms:.2f}-{t.p90_ms:.2f}"
-                lines.append(
-                    f"{label:<22} {row.candidate:<28} {t.median_ms:>10.2f} {spread:>17} "
-                    f"{exported / t.median_ms:>11.1f}x {eager / t.median_ms:>8.2f}x"
-                )
-            label = ""
-        best = min((name for name in timed if name in comparison.variants), key=timed.__getitem__)
-        lines.append(
-            f"{'':<22} best: {best}, {exported / timed[best]:.1f}x faster than the exported graph, "
-            f"{eager / timed[best]:.2f}x {comparison.eager}"
-        )
-    return "\n".join(lines)
-
 
 # ---------------------------------------------------------------------------------------------
 # Part 1: dynamic-filter idioms as users write them, end to end through convlower.optimize
@@ -259,35 +109,51 @@ class Idiom:
 
 
 def _idioms() -> list[Idiom]:
-    from convlower.models.idioms import FilterNet, PixelAdaptive, StackedShifts, TensorUnfold, UnfoldSignal
-    from convlower.models.seed_filter import SeedFilter
+    """Image nets at a KPN denoiser's size (K=5 at 2x3x160x160, then 1x3x96x128), a burst of 4
+    frames, 1-D signals of 16 channels x 16000 steps (K=9, the size of the Tensor.unfold target),
+    PAC at pacnet's size (16 -> 16 channels, K=5), and method_1 at seed 000's own shape."""
 
     def filter_net(idiom: str, layer: str) -> Idiom:
-        about = f"FilterNet: a 3x3 conv predicts 5x5 softmax filters from the image x [N, 3, H, W]; the filter layer: {layer}"
-        return Idiom(idiom, about, lambda: FilterNet(idiom, 3, 5), image, ("x",), (IMAGE_AXES,),
-                     ((2, 3, 160, 160), (1, 3, 96, 128)), ((2, 3, 24, 24), (1, 3, 16, 28)), lambda net: net.layer)
+        return Idiom(
+            idiom, f"FilterNet: a 3x3 conv predicts 5x5 softmax filters from the image x [N, 3, H, W]; the layer: {layer}",
+            build=lambda: FilterNet(idiom, 3, 5), inputs=image, names=("x",), symbolic_axes=(IMAGE_AXES,),
+            shapes=((2, 3, 160, 160), (1, 3, 96, 128)), quick_shapes=((2, 3, 24, 24), (1, 3, 16, 28)),
+            filter_layer=lambda net: net.layer,
+        )
+
+    def signal(idiom: str, about: str, build: Callable[[], torch.nn.Module], filter_shape: Callable[[Shape], Shape]) -> Idiom:
+        return Idiom(
+            idiom, about, build, with_filters(filter_shape), names=("x", "filters"), symbolic_axes=(SIGNAL_AXES, SIGNAL_AXES),
+            shapes=((4, 16, 16000), (2, 16, 8000)), quick_shapes=((2, 4, 400), (1, 4, 250)),
+        )
 
     return [
         filter_net("unfold_mul_sum", "F.unfold(x).view(..) * filters, .sum(2)"),
         filter_net("tensor_unfold", "F.pad(x).unfold(2, 5, 1).unfold(3, 5, 1) * filters, summed"),
         filter_net("shift_loop", "a Python loop over 25 padded slices times filter channels, added up"),
-        Idiom("stacked_shifts", "StackedShifts (KPN burst): frames [B, F, C, H, W] (4 frames of 3 channels), 25 shifted "
-              "slices stacked, times kernels [B, F, 25, C, H, W], summed", lambda: StackedShifts(5), with_filters(lambda s: (*s[:2], 25, *s[2:])), ("frames", "kernels"),
-              ({0: "batch", 3: "height", 4: "width"}, {0: "batch", 4: "height", 5: "width"}),
-              ((2, 4, 3, 96, 96), (1, 4, 3, 64, 80)), ((2, 2, 3, 20, 20), (1, 2, 3, 12, 16))),
-        Idiom("unfold_signal", "UnfoldSignal: F.unfold on x [N, C, T] viewed as [N, C, 1, T], times filters [N, 9, T], "
-              "summed (16 channels, 16000 steps)", lambda: UnfoldSignal(9), with_filters(lambda s: (s[0], 9, s[2])), ("x", "filters"),
-              (SIGNAL_AXES, SIGNAL_AXES), ((4, 16, 16000), (2, 16, 8000)), ((2, 4, 400), (1, 4, 250))),
-        Idiom("tensor_unfold_1d", "TensorUnfold rank 1: F.pad(x).unfold(2, 9, 1) on x [N, C, T], times filters "
-              "[N, 1, T, 9], summed", lambda: TensorUnfold(1, 9), with_filters(lambda s: (s[0], 1, s[2], 9)), ("x", "filters"),
-              (SIGNAL_AXES, SIGNAL_AXES), ((4, 16, 16000), (2, 16, 8000)), ((2, 4, 400), (1, 4, 250))),
-        Idiom("pac", "PixelAdaptive (pacnet's pacconv2d): x [N, 16, H, W], a given per-pixel kernel [N, 1, 5, 5, H, W], "
-              "16 output channels", lambda: PixelAdaptive(16, 16, 5), with_filters(lambda s: (s[0], 1, 5, 5, *s[2:])), ("x", "kernel"),
-              (IMAGE_AXES, {0: "batch", 4: "height", 5: "width"}), ((2, 16, 96, 96), (1, 16, 64, 80)),
-              ((2, 16, 20, 20), (1, 16, 12, 16))),
-        Idiom("method_1", "seed 000's method_1 (SeedFilter): F.unfold + view + einsum, x [N, 1, H, W], filters "
-              "[N, 9, H, W], K=3, at seed 000's shape", lambda: SeedFilter(3), with_filters(lambda s: (s[0], 9, *s[2:])), ("x", "filters"),
-              (IMAGE_AXES, IMAGE_AXES), ((2048, 1, 32, 32), (1024, 1, 24, 40)), ((64, 1, 16, 16), (32, 1, 12, 20))),
+        Idiom(
+            "stacked_shifts",
+            "StackedShifts (KPN burst): frames [B, 4, 3, H, W], 25 shifted slices stacked, times kernels [B, 4, 25, 3, H, W], summed",
+            build=lambda: StackedShifts(5), inputs=with_filters(lambda s: (*s[:2], 25, *s[2:])), names=("frames", "kernels"),
+            symbolic_axes=({0: "batch", 3: "height", 4: "width"}, {0: "batch", 4: "height", 5: "width"}),
+            shapes=((2, 4, 3, 96, 96), (1, 4, 3, 64, 80)), quick_shapes=((2, 2, 3, 20, 20), (1, 2, 3, 12, 16)),
+        ),
+        signal("unfold_signal", "UnfoldSignal: F.unfold on x [N, C, T] viewed as [N, C, 1, T], times filters [N, 9, T], summed",
+               lambda: UnfoldSignal(9), lambda s: (s[0], 9, s[2])),
+        signal("tensor_unfold_1d", "TensorUnfold rank 1: F.pad(x).unfold(2, 9, 1) on x [N, C, T], times filters [N, 1, T, 9], summed",
+               lambda: TensorUnfold(1, 9), lambda s: (s[0], 1, s[2], 9)),
+        Idiom(
+            "pac", "PixelAdaptive (pacnet's pacconv2d): x [N, 16, H, W], a given per-pixel kernel [N, 1, 5, 5, H, W], 16 outputs",
+            build=lambda: PixelAdaptive(16, 16, 5), inputs=with_filters(lambda s: (s[0], 1, 5, 5, *s[2:])), names=("x", "kernel"),
+            symbolic_axes=(IMAGE_AXES, {0: "batch", 4: "height", 5: "width"}),
+            shapes=((2, 16, 96, 96), (1, 16, 64, 80)), quick_shapes=((2, 16, 20, 20), (1, 16, 12, 16)),
+        ),
+        Idiom(
+            "method_1", "seed 000's method_1 (SeedFilter): F.unfold + view + einsum, x [N, 1, H, W], filters [N, 9, H, W], K=3",
+            build=lambda: SeedFilter(3), inputs=with_filters(lambda s: (s[0], 9, *s[2:])), names=("x", "filters"),
+            symbolic_axes=(IMAGE_AXES, IMAGE_AXES),
+            shapes=((2048, 1, 32, 32), (1024, 1, 24, 40)), quick_shapes=((64, 1, 16, 16), (32, 1, 12, 20)),
+        ),
     ]
 
 
@@ -487,7 +353,7 @@ def time_memcpy(nbytes: int, policy: TimingPolicy) -> float:
     that reads the op's inputs and writes its output once."""
     source = np.ones(max(nbytes // 4, 1), dtype=np.float32)
     target = np.zeros_like(source)
-    return time_calls([lambda: np.copyto(target, source)], policy)[0].median_ms
+    return time_calls([lambda: np.copyto(target, source)], replace(policy, budget_s=policy.budget_s / 4))[0].median_ms
 
 
 def time_torch(module: torch.nn.Module, args: tuple[torch.Tensor, ...], policy: TimingPolicy, compile_it: bool,
@@ -694,11 +560,169 @@ def idiom_report(results: list[IdiomResult], runner: Runner, threads: int, quick
     return text, markdown + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
+# ---------------------------------------------------------------------------------------------
+# Part 2: every DynamicFilter / Unfold variant against the graph torch exports, and torch eager
+# ---------------------------------------------------------------------------------------------
+
+VARIANT_SHAPES = [(2048, 1, 32, 32, 3), (8, 16, 64, 64, 3), (1, 64, 128, 128, 5)]
+
+
+class Method1(torch.nn.Module):
+    """Seed 000's method_1 (K fixed at construction)."""
+
+    def __init__(self, kernel: int):
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, feature_map: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = feature_map.shape
+        k = self.kernel
+        unfolded = F.unfold(feature_map, k, padding=k // 2).view(n, c, k**2, h, w)
+        return torch.einsum("nckhw,nkhw->nchw", unfolded, filters)
+
+
+class Unfold(torch.nn.Module):
+    """A plain `F.unfold(x, K, padding=K // 2)`."""
+
+    def __init__(self, kernel: int):
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.unfold(x, self.kernel, padding=self.kernel // 2)
+
+
+class Eager:
+    """A torch callable that `time_interleaved` can time beside onnxruntime sessions."""
+
+    provider = "torch eager (CPU)"
+
+    def __init__(self, fn: Callable[..., torch.Tensor]):
+        self.fn = fn
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [self.runner_for(feeds)().numpy()]
+
+    def runner_for(self, feeds: dict[str, np.ndarray]) -> Callable[[], torch.Tensor]:
+        tensors = [torch.from_numpy(a) for a in feeds.values()]
+
+        def once() -> torch.Tensor:
+            with torch.inference_mode():
+                return self.fn(*tensors)
+
+        return once
+
+
+@dataclass
+class Row:
+    candidate: str
+    timing: Timing | None
+    provider: str = ""
+    note: str = ""
+
+
+@dataclass
+class Comparison:
+    """One op at one shape: the exported graph, its lowerings, torch eager."""
+
+    exported: str
+    eager: str
+    variants: list[str]
+    rows: list[Row]
+
+
+def export(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str]) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    with quiet():
+        torch.onnx.export(module, inputs, buffer, dynamo=True, opset_version=18, input_names=names, output_names=["y"])
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def compare_candidates(
+    exported: onnx.ModelProto,
+    op: str,
+    eager: dict[str, Callable[..., torch.Tensor]],
+    feeds: dict[str, np.ndarray],
+    runner: Runner,
+    policy: TimingPolicy,
+) -> Comparison:
+    """Lower `exported` with each variant of `op`; check every candidate against the first eager
+    callable's output; time the onnxruntime candidates interleaved, then the torch ones apart."""
+    variants = FAMILIES[op.lower()].variant_names
+    exported_name = "exported graph"
+    candidates: dict[str, Any] = {exported_name: runner.session(exported, what=exported_name)}
+    rows = []
+    for variant in variants:
+        result = convlower.lower(exported, [f"{op}={variant}"])
+        if result.lowered:
+            candidates[variant] = runner.session(result.model, what=variant)
+        else:
+            rows.append(Row(variant, None, note="; ".join(o.reason or "" for o in result.nodes) or "not recognized"))
+    candidates.update({name: Eager(fn) for name, fn in eager.items()})
+    reference = next(iter(eager))
+    expected = candidates[reference].run(feeds)[0]
+    for name, candidate in list(candidates.items()):
+        diff = compare("y", expected, candidate.run(feeds)[0], None, None)
+        if not diff.passed:
+            rows.append(Row(name, None, note=f"WRONG (max abs err {diff.max_abs_err:.3g})"))
+            del candidates[name]
+    # onnxruntime first, torch apart after it: torch's OpenMP threads spin after each call and
+    # would steal the cores from the next onnxruntime run.
+    onnx_names = [name for name, c in candidates.items() if not isinstance(c, Eager)]
+    torch_names = [name for name, c in candidates.items() if isinstance(c, Eager)]
+    timings = dict(zip(onnx_names, time_interleaved([candidates[n] for n in onnx_names], feeds, policy)))
+    timings.update(zip(torch_names, time_interleaved([candidates[n] for n in torch_names], feeds, policy)))
+    timed = [Row(name, timings[name], c.provider) for name, c in candidates.items()]
+    return Comparison(exported_name, reference, variants, timed + rows)
+
+
+def bench_dynamic_filter(shape: tuple[int, ...], runner: Runner, policy: TimingPolicy) -> Comparison:
+    n, c, h, w, k = shape
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((n, c, h, w)).astype(np.float32), "f": rng.random((n, k * k, h, w)).astype(np.float32)}
+    exported = export(Method1(k), (torch.from_numpy(feeds["x"]), torch.from_numpy(feeds["f"])), ["x", "f"])
+    eager = {"torch eager method_1": Method1(k), "torch eager dynamic_filter": lambda x, f: dynamic_filter(x, f, k)}
+    return compare_candidates(exported, "DynamicFilter", eager, feeds, runner, policy)
+
+
+def bench_unfold(shape: tuple[int, ...], runner: Runner, policy: TimingPolicy) -> Comparison:
+    n, c, h, w, k = shape
+    feeds = {"x": np.random.default_rng(0).standard_normal((n, c, h, w)).astype(np.float32)}
+    exported = export(Unfold(k), (torch.from_numpy(feeds["x"]),), ["x"])
+    return compare_candidates(exported, "Unfold", {"torch eager F.unfold": Unfold(k)}, feeds, runner, policy)
+
+
+def table(title: str, results: dict[tuple[int, ...], Comparison]) -> str:
+    header = f"{'shape (N, C, H, W, K)':<22} {title:<28} {'median ms':>10} {'p10-p90 ms':>17} {'vs exported':>12} {'vs eager':>9}"
+    lines = [header, "-" * len(header)]
+    for shape, comparison in results.items():
+        timed = {r.candidate: r.timing.median_ms for r in comparison.rows if r.timing is not None}
+        exported, eager = timed[comparison.exported], timed[comparison.eager]
+        label = str(shape)
+        for row in comparison.rows:
+            if row.timing is None:
+                lines.append(f"{label:<22} {row.candidate:<28} {row.note}")
+            else:
+                t = row.timing
+                spread = f"{t.p10_ms:.2f}-{t.p90_ms:.2f}"
+                lines.append(
+                    f"{label:<22} {row.candidate:<28} {t.median_ms:>10.2f} {spread:>17} "
+                    f"{exported / t.median_ms:>11.1f}x {eager / t.median_ms:>8.2f}x"
+                )
+            label = ""
+        best = min((name for name in timed if name in comparison.variants), key=timed.__getitem__)
+        lines.append(
+            f"{'':<22} best: {best}, {exported / timed[best]:.1f}x faster than the exported graph, "
+            f"{eager / timed[best]:.2f}x {comparison.eager}"
+        )
+    return "\n".join(lines)
+
+
 def run_idioms(args: argparse.Namespace, runner: Runner, threads: int) -> None:
     policy = (
         TimingPolicy(warmup=1, min_runs=3, max_runs=6, budget_s=0.2)
         if args.quick
-        else TimingPolicy(warmup=2, min_runs=15, max_runs=200, budget_s=2.0, stable_within=0.01)
+        else TimingPolicy(warmup=2, min_runs=15, max_runs=200, budget_s=1.5, stable_within=0.01)
     )
     names = args.only.split(",") if args.only else list(IDIOMS)
     unknown = [name for name in names if name not in IDIOMS]
