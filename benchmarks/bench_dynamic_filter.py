@@ -3,7 +3,8 @@
     python benchmarks/bench_dynamic_filter.py [--idioms | --variants] [--only NAME,..] [--quick]
         [--threads 2] [--provider cpu|auto|cuda] [--no-compile] [--markdown PATH]
 
-    # the README's idiom table, about 10 minutes on 2 quiet cores (a third of it torch.compile):
+    # the README's idiom table: an estimated 10-12 minutes on 2 quiet cores, most of it the 32
+    # optimize calls (10-15 s each) and 16 torch.compile compiles (--no-compile saves 2-3 minutes):
     python benchmarks/bench_dynamic_filter.py --idioms --markdown benchmarks/results/idioms.md
 
 Part 1, the idiom table (`--idioms`): each dynamic-filter idiom of `convlower.models.idioms`
@@ -492,12 +493,19 @@ def shape_table(results: list[IdiomResult]) -> tuple[list[str], list[list[str]]]
 
 
 def render(header: list[str], lines: list[list[str]], markdown: bool) -> str:
+    """An aligned text table, or a markdown one whose number columns are right-aligned."""
     if markdown:
-        rule = ["---" if i < 6 else "---:" for i in range(len(header))]
+        rule = ["---:" if _mostly_numbers([cells[i] for cells in lines]) else "---" for i in range(len(header))]
         return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, rule, *lines])
     widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
     text = [" ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip() for cells in [header, *lines]]
     return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
+
+
+def _mostly_numbers(cells: list[str]) -> bool:
+    """Whether most filled cells of a column start with a number (ms, ratios, errors)."""
+    filled = [cell for cell in cells if cell not in ("", "-")]
+    return bool(filled) and 2 * sum(bool(re.match(r"^\d[\d.e+-]*x?( |$)", cell)) for cell in filled) >= len(filled)
 
 
 def self_check_line(results: list[IdiomResult]) -> tuple[str, float]:
