@@ -204,12 +204,21 @@ class Baseline:
 
 
 @dataclass
+class SelfCheck:
+    """One exported model timed against itself through the same harness."""
+
+    model: str
+    first: Timing
+    second: Timing
+
+
+@dataclass
 class IdiomResult:
     idiom: Idiom
     shapes: tuple[Shape, Shape]
     rows: list[IdiomRow]
     baselines: dict[Shape, Baseline]
-    self_check: tuple[Timing, Timing] | None = None
+    self_check: SelfCheck | None = None
     stages: dict[str, float] = field(default_factory=dict)
     """Seconds spent exporting, optimizing, timing onnxruntime, timing torch."""
 
@@ -407,7 +416,8 @@ def bench_idiom(idiom: Idiom, runner: Runner, policy: TimingPolicy, *, quick: bo
         time_row(row, feeds, runner, policy)
     if self_check and ready:
         same = [runner.session(ready[0].exported) for _ in range(2)]
-        result.self_check = tuple(time_interleaved(same, feeds[shapes[0]], policy))  # type: ignore[assignment]
+        first, second = time_interleaved(same, feeds[shapes[0]], policy)
+        result.self_check = SelfCheck(f"{idiom.name}'s {ready[0].exporter} {ready[0].dims} export", first, second)
     for shape, baseline in result.baselines.items():
         baseline.memcpy_ms = time_memcpy(baseline.op_bytes, policy)
     clock.lap("onnxruntime timing")
@@ -511,15 +521,14 @@ def _mostly_numbers(cells: list[str]) -> bool:
 def self_check_line(results: list[IdiomResult]) -> tuple[str, float]:
     """The exported model against itself: its ratio, and the noise figure (half the wider p10-p90
     spread of the two) that every ratio in the table should be read against."""
-    checked = next((r for r in results if r.self_check), None)
-    if checked is None:
+    check = next((r.self_check for r in results if r.self_check), None)
+    if check is None:
         return "self-check: not run (nothing exported)", 0.0
-    first, second = checked.self_check  # type: ignore[misc]
-    ratio = first.median_ms / second.median_ms
-    noise = max(first.spread, second.spread) / 2
+    ratio = check.first.median_ms / check.second.median_ms
+    noise = max(check.first.spread, check.second.spread) / 2
     verdict = "within noise" if abs(ratio - 1) <= noise else "OUTSIDE the noise: the machine is not quiet"
-    return (f"self-check: {checked.idiom.name}'s exported model ({checked.rows[0].exporter}) timed against itself: "
-            f"{ratio:.2f}x; noise ±{noise:.1%} (half the p10-p90 spread); {verdict}"), noise
+    return (f"self-check: {check.model} timed against itself: {ratio:.2f}x; noise ±{noise:.1%} (half the p10-p90 "
+            f"spread); {verdict}"), noise
 
 
 def target_lines(results: list[IdiomResult], quick: bool) -> list[str]:
@@ -740,7 +749,7 @@ def run_idioms(args: argparse.Namespace, runner: Runner, threads: int) -> None:
     results = []
     for name in names:
         results.append(bench_idiom(IDIOMS[name], runner, policy, quick=args.quick, compile_it=not args.no_compile,
-                                   self_check=not results))
+                                   self_check=not any(r.self_check for r in results)))
         stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in results[-1].stages.items())
         print(f"  {name} done ({stages}; {time.perf_counter() - started:.0f} s in all)", file=sys.stderr)
     text, markdown = idiom_report(results, runner, threads, args.quick)
