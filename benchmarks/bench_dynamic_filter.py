@@ -373,7 +373,7 @@ def time_torch(module: torch.nn.Module, args: tuple[torch.Tensor, ...], policy: 
     calls: list[Callable[[], object]] = [lambda: module(*args)]
     with torch.inference_mode():
         if compile_it:
-            torch._dynamo.reset()
+            torch.compiler.reset()  # a fresh compile for this shape, as a user compiling for it gets
             compiled = torch.compile(module)
             try:
                 with quiet():
