@@ -49,6 +49,7 @@ filters with axes the patches lack.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
@@ -273,6 +274,7 @@ class TensorUnfoldFilter:
     groups: int
     has_group_axis: bool
     filter_perm: tuple[int, ...]
+    filter_shape: tuple[int, ...]
 
     def signature(self) -> Hashable:
         """What must be the same at every trial size: the tensors spanned, the window, the layout."""
@@ -300,7 +302,7 @@ def _summed_axes(first: gs.Node, rank: int, kernel: set[int], opset: int) -> tup
         node = consumers[0]
 
 
-def _weights(mul: gs.Node, patches: Patches) -> tuple[gs.Tensor, tuple[int | None, ...]] | None:
+def _weights(mul: gs.Node, patches: Patches, opset: int) -> tuple[gs.Tensor, tuple[int | None, ...]] | None:
     """The other operand of `Mul(patches, filters)` and, per patches axis, the filters' axis that runs
     along it (None where they broadcast), for a Mul that keeps the patches' shape. The shape is the
     one the window implies: inference leaves it unknown after a Range-computed Gather index."""
@@ -308,7 +310,7 @@ def _weights(mul: gs.Node, patches: Patches) -> tuple[gs.Tensor, tuple[int | Non
     if len(operands) != 2 or sum(t is patches.tensor for t in operands) != 1:
         return None
     filters = operands[1] if operands[0] is patches.tensor else operands[0]
-    shape = filters.shape
+    shape = known_shape(filters, opset)
     if shape is None or len(shape) != len(patches.axes):
         return None
     axes: list[int | None] = []
@@ -319,6 +321,31 @@ def _weights(mul: gs.Node, patches: Patches) -> tuple[gs.Tensor, tuple[int | Non
     return filters, tuple(axes)
 
 
+def known_shape(tensor: gs.Tensor, opset: int, depth: int = 8) -> tuple[int, ...] | None:
+    """The tensor's static shape, also where inference gave up at a Reshape whose target folds
+    (ONNX data propagation does not fold the floor division of `(h - 1) // 2 + 1`, say) and at the
+    Transposes after it. None when a dim stays unknown."""
+    shape = static_shape(tensor)
+    if shape is not None and all(d is not None for d in shape):
+        return shape  # type: ignore[return-value]
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 and depth else None
+    if node is not None and node.op == "Transpose":
+        inner = known_shape(node.inputs[0], opset, depth - 1)
+        perm = node.attrs.get("perm", list(reversed(range(len(inner or ())))))
+        return None if inner is None else tuple(inner[p] for p in perm)
+    if node is None or node.op != "Reshape":
+        return None
+    data, target = known_shape(node.inputs[0], opset, depth - 1), folded_value(node.inputs[1], opset)
+    if data is None or target is None or target.ndim != 1 or np.sum(target == -1) > 1:
+        return None
+    copied = None if node.attrs.get("allowzero", 0) else 0  # what copies the input dim (with allowzero, a 0 is a 0)
+    dims = [data[i] if d == copied else int(d) for i, d in enumerate(target)]
+    if -1 in dims:
+        known = math.prod(d for d in dims if d != -1)
+        dims[dims.index(-1)] = math.prod(data) // known if known else 0
+    return tuple(dims) if math.prod(dims) == math.prod(data) else None
+
+
 def _uses(patches: Patches, opset: int) -> list[tuple[gs.Node, gs.Tensor, tuple[int | None, ...], tuple[int | None, ...]]]:
     """Each (consumer, filters, filter axis per patches axis, patches axis per output axis) where the
     patches are weighted by filters and summed over exactly the taps."""
@@ -326,7 +353,7 @@ def _uses(patches: Patches, opset: int) -> list[tuple[gs.Node, gs.Tensor, tuple[
     kernel = {i for i, (kind, _) in enumerate(patches.axes) if kind == "k"}
     found = []
     for node in patches.tensor.outputs:
-        weights = _weights(node, patches) if node.op == "Mul" else None
+        weights = _weights(node, patches, opset) if node.op == "Mul" else None
         if weights is not None:
             for reduce in node.outputs[0].outputs:
                 summed = _summed_axes(reduce, rank, kernel, opset)
@@ -342,38 +369,43 @@ def _uses(patches: Patches, opset: int) -> list[tuple[gs.Node, gs.Tensor, tuple[
 
 
 def _filter_match(
-    patches: Patches, consumer: gs.Node, filters: gs.Tensor, filter_axes: Sequence[int | None], held: Sequence[int | None]
+    patches: Patches,
+    consumer: gs.Node,
+    filters: gs.Tensor,
+    filter_axes: Sequence[int | None],
+    held: Sequence[int | None],
+    opset: int,
 ) -> TensorUnfoldFilter | None:
     """The match when the filters run along the batch, every position and tap (and the channels or
     not), with every filter axis accounted for."""
     where = {axis: filter_axes[i] for i, axis in enumerate(patches.axes)}
     rank = patches.window.rank
     needed = [BATCH, *(("k", j) for j in range(rank)), *(("o", j) for j in range(rank))]
-    if any(where[a] is None for a in needed) or filters.shape is None or not consumer.outputs:
+    shape = known_shape(filters, opset)
+    if any(where[a] is None for a in needed) or shape is None or not consumer.outputs:
         return None
     group = where[CHANNELS]
     ordered = [where[BATCH], *([group] if group is not None else []), *(where[a] for a in needed[1:])]
-    leftover = [a for a in range(len(filters.shape)) if a not in ordered]
-    if any(filters.shape[a] != 1 for a in leftover):
+    leftover = [a for a in range(len(shape)) if a not in ordered]
+    if any(shape[a] != 1 for a in leftover):
         return None
     output_axes = tuple(None if h is None else patches.axes[h] for h in held)
     return TensorUnfoldFilter(
         patches, filters, consumer, consumer.outputs[0], output_axes,
-        patches.channels if group is not None else 1, group is not None, tuple(ordered + leftover),  # type: ignore[arg-type]
+        patches.channels if group is not None else 1, group is not None, tuple(ordered + leftover), shape,  # type: ignore[arg-type]
     )
 
 
 def find_tensor_unfold_filters(graph: gs.Graph, opset: int) -> list[TensorUnfoldFilter]:
     """Every Tensor.unfold dynamic filter in a graph with static shapes."""
     found = []
-    for node in graph.nodes:
-        if node.op not in ("Gather", "Transpose", "Concat") or not node.outputs:
-            continue
-        patches = match_patches(node.outputs[0], opset)
+    weighted = {t.name: t for n in graph.nodes if n.op in ("Mul", "Einsum") for t in n.inputs if t.inputs}
+    for tensor in weighted.values():
+        patches = match_patches(tensor, opset)
         if patches is None:
             continue
         for consumer, filters, filter_axes, held in _uses(patches, opset):
-            match = _filter_match(patches, consumer, filters, filter_axes, held)
+            match = _filter_match(patches, consumer, filters, filter_axes, held, opset)
             if match is not None:
                 found.append(match)
     return found
@@ -398,13 +430,13 @@ def _replace(graph: gs.Graph, opset: int, per_trial: Sequence[TensorUnfoldFilter
     match = per_trial[0]
     window, rank = match.patches.window, match.patches.window.rank
     out_spatial = dims_across(*(m.patches.out_spatial for m in per_trial))
-    filter_dims = dims_across(*(m.filters.shape for m in per_trial))
+    filter_dims = dims_across(*(m.filter_shape for m in per_trial))
     source, filters, output = (local(graph, t) for t in (match.patches.source, match.filters, match.output))
     consumer = output.inputs[0]
     consumer.outputs.clear()
     dtype = output.dtype or match.output.dtype or np.float32
     b = Builder(graph, opset, consumer.name or DYNAMIC_FILTER, dtype=dtype)
-    canonical = _canonical_filters(b, match, filters, filter_dims, out_spatial)
+    canonical = _canonical_filters(b, match, filters, filter_dims, out_spatial, source.shape[0], f"{output.name}/filters")
     canonical_axes = (BATCH, CHANNELS, *(("o", j) for j in range(rank)))
     kept = tuple(a for a in match.output_axes if a is not None)
     direct = match.output_axes == canonical_axes
@@ -422,11 +454,20 @@ def _replace(graph: gs.Graph, opset: int, per_trial: Sequence[TensorUnfoldFilter
 
 
 def _canonical_filters(
-    b: Builder, match: TensorUnfoldFilter, filters: gs.Tensor, dims: Sequence[int | None], out_spatial: Sequence[int | None]
+    b: Builder,
+    match: TensorUnfoldFilter,
+    filters: gs.Tensor,
+    dims: Sequence[int | None],
+    out_spatial: Sequence[int | None],
+    batch: int | str | None,
+    name: str,
 ) -> gs.Tensor:
     """The filters as `[N, G, K, *S_out]`: Transpose into batch, [group], taps, positions, then
     Reshape. With static dims a Transpose that moves only unit axes is left out and the Reshape
-    target is a constant; else the positions' extents are read off the transposed filters."""
+    target is a constant; else the positions' extents are read off the transposed filters.
+
+    The result is called `name` whatever the dims: `optimize` recognizes the model twice, as it is
+    and with its inputs bound to the profiling shapes, and finds the node's input shapes by name."""
     perm = list(match.filter_perm)
     taps = match.patches.window.taps
     rank = match.patches.window.rank
@@ -438,10 +479,8 @@ def _canonical_filters(
     else:
         positions = 1 + int(match.has_group_axis) + rank
         target = [0, match.groups, taps, b.shape(transposed, positions, positions + rank)]
-    canonical = b.reshape(transposed, shape_vector(b, target))
-    canonical.shape = [filters.shape[0] if filters.shape else None, match.groups, taps, *out_spatial]
-    canonical.dtype = filters.dtype
-    return canonical
+    canonical = gs.Variable(name, filters.dtype, [batch, match.groups, taps, *out_spatial])
+    return b.reshape(transposed, shape_vector(b, target), out=canonical)
 
 
 register_recognizer(recognize_tensor_unfold_filters)
