@@ -1,50 +1,59 @@
 """Recognize dynamic filters written with `Tensor.unfold` patches as one `convlower.DynamicFilter`.
 
-The idiom (`TensorUnfold` in models/idioms.py; ranks 1 to 3):
+The idiom (`TensorUnfold` in models/idioms.py), on X `[N, C, T]`, `[N, C, H, W]` or `[N, C, D, H, W]`:
 
     patches = F.pad(x, pads).unfold(2, k, s).unfold(3, k, s)      # [N, C, Ho, Wo, k, k]
     y = (patches * filters).sum((-2, -1))                          # filters [N, 1 or C, Ho, Wo, k, k]
 
-also without F.pad, summed as `.sum(dim=(-2, -1))`, `.sum(-1).sum(-1)` (a chain of ReduceSums,
-`keepdim` allowed) or by `torch.einsum('ncijkl,nijkl->ncij', patches, filters)`.
+also without F.pad, summed as `.sum(dim=(-1, -2))`, `.sum(-1).sum(-1)` (a chain of ReduceSums),
+with `keepdim=True`, or by an einsum (`torch.einsum('ncijkl,nijkl->ncij', patches, filters)`, any
+output order).
 
 What the exporters write for it (torch 2.13):
 
 dynamo (opset 18), static or symbolic dims, padded or not: one Gather per unfolded axis, whose
-index `[O, k]` is `p * stride + j`; a Transpose moves each new window axis to the end:
+index `[O, k]` is `p * stride + j`, and a Transpose that moves each new tap axis to the end:
 
-    Pad(x, zeros) -> Gather(axis=2, idx[Ho, kh]) -> Transpose(0,1,2,4,3)            [N, C, Ho, Wp, kh]
-                  -> Gather(axis=3, idx[Wo, kw]) -> Transpose(0,1,2,3,5,4)          [N, C, Ho, Wo, kh, kw]
-                  -> Mul(filters) -> ReduceSum(axes=[-2, -1], keepdims=0)           [N, C, Ho, Wo]
+    Pad(x, zeros) -> Gather(axis=2, idx[Ho, kh]) -> Transpose(0,1,2,4,3)             [N, C, Ho, Wp, kh]
+                  -> Gather(axis=3, idx[Wo, kw]) -> Transpose(0,1,2,3,5,4)           [N, C, Ho, Wo, kh, kw]
+                  -> Mul(filters) -> ReduceSum(axes=[-2, -1], keepdims=0)            [N, C, Ho, Wo]
 
-With symbolic dims the index is computed at run time (Shape -> Gather -> Squeeze -> Sub -> Range ->
-Unsqueeze -> Add); `passes.symbolic.matches_at_every_size` folds it at trial sizes.
+With symbolic dims each index is computed at run time (Shape -> Gather -> Squeeze -> Sub -> Range
+-> Unsqueeze -> Add); `matches_at_every_size` folds it at trial sizes.
 
-TorchScript (legacy, opset 17): only the unpadded form with static spatial dims (a symbolic batch is
-fine). `F.pad(x).unfold(...)` fails to export ("ONNX export of operator Unfold, input size not
-accessible") whatever the dims, as does any unfold of an axis with a symbolic size. What it writes
-is one Slice per window position, each moved to the end and stacked:
+TorchScript (opset 17): the unpadded form only, with static spatial dims (a symbolic batch is
+fine); `F.pad(x).unfold(...)`, and an unfold of an axis of symbolic size, fail to export with
+"ONNX export of operator Unfold, input size not accessible". It stacks one Slice per window position:
 
-    for p in range(Ho):  Slice(x, [p*s], [p*s+kh], axes=[2]) -> Transpose(0,1,3,2) -> Unsqueeze(2)
-    Concat(axis=2)                                                                  [N, C, Ho, W, kh]
-    (the same over axis 3, Transpose(0,1,2,4,3))  -> Concat(axis=3)                 [N, C, Ho, Wo, kh, kw]
+    for p in range(Ho):  Slice(x, [p*s], [p*s + kh], axes=[2]) -> Transpose(0,1,3,2) -> Unsqueeze(2)
+    -> Concat(axis=2)                                                                [N, C, Ho, W, kh]
+    (the same over axis 3, with Transpose(0,1,2,4,3)) -> Concat(axis=3)              [N, C, Ho, Wo, kh, kw]
     -> Mul(filters) -> ReduceSum(axes=[-1, -2], keepdims=0)
 
-The rewrite:
+(no Transpose on the last axis). Both are read as one chain of unfold steps that tracks what each
+axis holds (batch, channels, positions or taps of a spatial axis), whatever Transposes come between.
 
-    DynamicFilter(x, F') with F' = Reshape(Transpose(filters, [n, c, kh, kw, Ho, Wo]), [N, G, K, Ho, Wo])
+The rewrite: the sum's output is computed by
 
-then a Transpose (an einsum or transposes that reorder the kept axes) and an Unsqueeze (summed axes
-kept) where the sum's output differs from `[N, C, *S_out]`. With symbolic dims the Reshape target
-reads the output extents off the transposed filters at run time.
+    DynamicFilter(x, Reshape(Transpose(filters, to [N, G, kh, kw, Ho, Wo]), [N, G, K, Ho, Wo]))
+
+then a Transpose where the sum's output orders the kept axes otherwise (an einsum's output) and an
+Unsqueeze where it keeps the summed axes. With symbolic dims the Reshape target reads the positions'
+extents off the transposed filters at run time; nothing of a trial size is written into the model.
 
 Soundness: each axis's index must be exactly `p * stride + j` over the Conv output extent of the
-padded axis, every spatial axis unfolded once; a Pad must be a constant pad with zeros over the
-spatial axes only; the sum must run over exactly the kernel axes; the filters must run along the
-batch, every output-position and every kernel axis, and along the channels (G = C) or not (G = 1).
-Left as they are: another reduction (max, mean), a sum over the channels too or over only some
-kernel axes, filters broadcast over the batch, reflect/replicate or non-zero padding, CARAFE-style
-filters with axes the patches lack.
+padded axis, and every spatial axis unfolded once; a Pad must be a constant pad with zeros, over
+the spatial axes only; the sum must run over exactly the tap axes; the filters must run along the
+batch, every position and every tap axis, and along the channels (G = C) or not (G = 1), with
+extents equal to the patches'.
+
+Left as they are: another reduction (max, mean), a sum that also runs over the channels or over
+only some tap axes, filters broadcast over the batch, reflect/replicate or non-zero padding. Not
+covered: G groups with 1 < G < C (the patches must then be viewed as `[N, G, C/G, ..]`, a Reshape
+this chain does not follow), filters with axes the patches lack (CARAFE), a spatial axis left
+unfolded. Under symbolic dims a stride > 1 needs filters whose extents the graph derives from x's
+(predicted from x, as kernel-prediction networks do): filters given as a separate input with their
+own symbolic dims take unrelated trial sizes, so nothing matches and the idiom stays.
 """
 
 from __future__ import annotations
@@ -193,7 +202,7 @@ def zero_pads(pad: gs.Node, opset: int, rank: int) -> list[int] | None:
     """The pads of a constant-mode Pad that pads with zeros over all `rank` axes; None for any other
     Pad (another mode, a fill that is not zero or not known, an `axes` input, negative pads).
     The rank-generic form of unfold.py's `_zero_pads` (which takes 4-D inputs only)."""
-    if attr_text(pad.attrs.get("mode", "constant")) != "constant":
+    if attr_text(pad.attrs.get("mode", "constant")) != "constant" or len(pad.inputs) < 2:
         return None
     if len(pad.inputs) > 3 and pad.inputs[3].name:
         return None
@@ -356,7 +365,7 @@ def _uses(patches: Patches, opset: int) -> list[tuple[gs.Node, gs.Tensor, tuple[
         weights = _weights(node, patches, opset) if node.op == "Mul" else None
         if weights is not None:
             for reduce in node.outputs[0].outputs:
-                summed = _summed_axes(reduce, rank, kernel, opset)
+                summed = _summed_axes(reduce, rank, kernel, opset) if reduce.inputs[0] is node.outputs[0] else None
                 if summed is not None:
                     found.append((summed[0], weights[0], weights[1], summed[1]))
         elif node.op == "Einsum":
@@ -384,6 +393,8 @@ def _filter_match(
     shape = known_shape(filters, opset)
     if any(where[a] is None for a in needed) or shape is None or not consumer.outputs:
         return None
+    if any(shape[where[a]] != size for a, size in zip(patches.axes, patches.shape) if where[a] is not None):
+        return None  # an einsum's letters must mean the same extent in both operands
     group = where[CHANNELS]
     ordered = [where[BATCH], *([group] if group is not None else []), *(where[a] for a in needed[1:])]
     leftover = [a for a in range(len(shape)) if a not in ordered]

@@ -85,9 +85,11 @@ class Padded(nn.Module):
 
 def reduced(patches, filters, rank: int, reduce: str):
     taps = tuple(range(-rank, 0))
+    letters = "ijk"[:rank] + "uvw"[:rank]
     if reduce == "einsum":
-        letters = "ijk"[:rank] + "uvw"[:rank]
         return torch.einsum(f"nc{letters},n{letters}->nc{letters[:rank]}", patches, filters)
+    if reduce == "einsum_channels_last":
+        return torch.einsum(f"nc{letters},nc{letters}->n{letters[:rank]}c", patches, filters)
     weighted = patches * filters
     if reduce == "sum":
         return weighted.sum(taps)
@@ -242,17 +244,19 @@ def test_unpadded_static(rank: int, stride: int, groups: int, dynamo: bool, tmp_
 
 @pytest.mark.parametrize(
     "reduce, dynamo",
-    [pytest.param(r, False, id=f"legacy-{r}") for r in ("sum_dim", "sum_chain", "keepdim", "einsum")]
+    [pytest.param(r, False, id=f"legacy-{r}") for r in ("sum_dim", "sum_chain", "keepdim", "einsum", "einsum_channels_last")]
     + [pytest.param(r, True, id=f"dynamo-{r}") for r in ("sum_chain", "einsum")],
 )
 def test_ways_of_summing_the_taps(reduce: str, dynamo: bool, tmp_path: Path) -> None:
-    """`.sum(dim=(-1, -2))`, `.sum(-1).sum(-1)`, `keepdim=True` (kept axes restored by Unsqueeze) and
-    an einsum whose filters lack the channel axis; dynamo writes `sum_dim` and `keepdim` as the
-    exporters' shared ReduceSum, so only the forms whose graphs differ are exported by both."""
-    module, (x, f) = Unpadded(2, 1, reduce), case_inputs(2, 1, 1, padded=False)
+    """`.sum(dim=(-1, -2))`, `.sum(-1).sum(-1)`, `keepdim=True` (kept axes restored by Unsqueeze), an
+    einsum whose filters lack the channel axis, and one with per-channel filters and a channels-last
+    output (a Transpose after the DynamicFilter). The ReduceSum after the unfolds is the same in both
+    exporters' graphs, so dynamo exports only the chain and an einsum."""
+    groups = CHANNELS if reduce == "einsum_channels_last" else 1
+    module, (x, f) = Unpadded(2, 1, reduce), case_inputs(2, 1, groups, padded=False)
     inputs = (x, f[:, 0]) if reduce == "einsum" else (x, f)
     model = export(module, inputs, dynamo, tmp_path / "m.onnx")
-    assert_recognized(model, 2, 1, 1, False, [(feeds(inputs), eager(module, inputs))])
+    assert_recognized(model, 2, 1, groups, False, [(feeds(inputs), eager(module, inputs))])
 
 
 # --- recognized: symbolic dims -----------------------------------------------------------------------------------
