@@ -11,7 +11,7 @@ import inspect
 import io
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import onnx
 
@@ -30,6 +30,7 @@ def export(
     dynamo: bool = True,
     opset: int = 18,
     dynamic_batch: bool = False,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     **export_kwargs: Any,
@@ -39,9 +40,13 @@ def export(
     example_inputs: one tensor or a tuple of positional inputs. dynamo picks the exporter: the
     dynamo one (torch.export; opset 18 and newer) or the TorchScript one (`dynamo=False`).
     dynamic_batch makes axis 0 of every input and output a symbolic `batch` dim (use an example
-    batch larger than 1 with the dynamo exporter). Inputs are named after `forward`'s parameters
-    unless `input_names` says otherwise. Other keyword arguments go to torch.onnx.export. The
-    model is also written to `path` when one is given.
+    batch larger than 1 with the dynamo exporter). dynamic_axes names more symbolic dims, as
+    `{"x": {0: "batch", 2: "time"}, "filters": {0: "batch", 3: "time"}}`: one name is one dim
+    wherever it appears (the dynamo exporter makes one `torch.export.Dim` of it and derives the
+    outputs' dims itself; the TorchScript exporter also takes output names here). Example sizes of
+    a dynamic dim should be larger than 1 and differ from the static dims, as torch.export needs.
+    Inputs are named after `forward`'s parameters unless `input_names` says otherwise. Other
+    keyword arguments go to torch.onnx.export. The model is also written to `path` when one is given.
     """
     import torch
 
@@ -49,10 +54,16 @@ def export(
 
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     names = list(input_names) if input_names is not None else _parameter_names(module, len(args))
+    axes = {name: dict(dims) for name, dims in (dynamic_axes or {}).items()}
     if dynamo:
-        batch = torch.export.Dim(BATCH_DIM)
-        with warnings.catch_warnings():  # torch warns when several inputs share the one batch dim
-            warnings.filterwarnings("ignore", message=f"# The axis name: {BATCH_DIM} will not be used")
+        dims = {dim: torch.export.Dim(dim) for per_input in axes.values() for dim in per_input.values()}
+        dims.setdefault(BATCH_DIM, torch.export.Dim(BATCH_DIM))
+        shapes = [
+            ({0: dims[BATCH_DIM]} if dynamic_batch else {}) | {axis: dims[dim] for axis, dim in axes.get(name, {}).items()}
+            for name in names
+        ]
+        with warnings.catch_warnings():  # torch warns when several inputs share one dim
+            warnings.filterwarnings("ignore", message="# The axis name: .* will not be used")
             program = torch.onnx.export(
                 module,
                 args,
@@ -60,14 +71,17 @@ def export(
                 opset_version=opset,
                 input_names=names,
                 output_names=output_names,
-                dynamic_shapes=tuple({0: batch} for _ in args) if dynamic_batch else None,
+                dynamic_shapes=tuple(shape or None for shape in shapes) if any(shapes) else None,
                 **export_kwargs,
             )
         model = program.model_proto
     else:
         buffer = io.BytesIO()
-        if dynamic_batch and output_names is None:
+        if (dynamic_batch or axes) and output_names is None:
             output_names = _output_names(module, args)
+        legacy_axes = {
+            name: ({0: BATCH_DIM} if dynamic_batch else {}) | axes.get(name, {}) for name in [*names, *(output_names or [])]
+        }
         torch.onnx.export(
             module,
             args,
@@ -76,7 +90,7 @@ def export(
             opset_version=opset,
             input_names=names,
             output_names=output_names,
-            dynamic_axes={name: {0: BATCH_DIM} for name in [*names, *(output_names or [])]} if dynamic_batch else None,
+            dynamic_axes={name: dims for name, dims in legacy_axes.items() if dims} or None,
             custom_opsets={DOMAIN: DOMAIN_VERSION},
             **export_kwargs,
         )

@@ -1,9 +1,11 @@
 """`convlower.ops.dynamic_filter`: the DynamicFilter op in PyTorch, and how it exports.
 
-    y = dynamic_filter(x, filters, kernel_size=3)       # x [N, C, H, W], filters [N, G, 9, H, W]
+    y = dynamic_filter(x, filters, kernel_size=5)       # audio: x [N, C, T], filters [N, G, 5, T]
+    y = dynamic_filter(x, filters, kernel_size=3)       # images: x [N, C, H, W], filters [N, G, 9, H, W]
+    y = dynamic_filter(x, filters, kernel_size=3)       # video: x [N, C, D, H, W], filters [N, G, 27, D, H, W]
 
 computes `y[n, c, p] = sum_k xpad[n, c, p * stride + k * dilation] * filters[n, c // (C / G), k, p]`
-(the canonical `convlower.DynamicFilter`, see DESIGN.md) for 1-D and 2-D inputs (and more), with a
+(the canonical `convlower.DynamicFilter`, see DESIGN.md) for 1-D, 2-D and 3-D inputs, with a
 reference implementation (shift-sum) for eager runs and training (autograd through a recomputed
 reference), and a fake kernel for tracing.
 
@@ -14,7 +16,8 @@ Exporting it:
   `convlower::dynamic_filter`.
 Either way the node has domain `convlower` and the attributes `kernel_shape`, `strides`,
 `dilations`, `pads`. `convlower.export` wraps both exporters and attaches the model-local function
-that lets onnxruntime run the node; after a plain `torch.onnx.export`, call
+that lets onnxruntime run the node (and names symbolic batch, time or spatial dims for either
+exporter: `dynamic_axes`); after a plain `torch.onnx.export`, call
 `convlower.passes.local_functions.attach_functions(model)` for the same.
 """
 

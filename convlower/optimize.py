@@ -244,8 +244,10 @@ def _node_shapes(entry: PlannedNode, static: dict[str, tuple[int, ...] | None]) 
 
 
 def _candidates(entry: PlannedNode, allowed: dict[str, set[str]]):
+    """The variants to tune: those that apply, are allowed, and are exact, unless named despite a caveat."""
     names = allowed.get(entry.op.lower())
-    return [v for v in entry.family.variants if entry.why_not.get(v.name) is None and (names is None or v.name in names)]
+    return [v for v in entry.family.variants if entry.why_not.get(v.name) is None
+            and (v.name in names if names is not None else not v.caveat)]
 
 
 def _cached(cache: TuningCache, key: str, environment: list, entry: PlannedNode, allowed: dict[str, set[str]]) -> NodeTuning | None:
@@ -279,6 +281,8 @@ def _node_report(
             variants[variant.name] = {"status": "not_applicable", "reason": why}
         elif names is not None and variant.name not in names:
             variants[variant.name] = {"status": "skipped", "reason": "not in --variants"}
+        elif names is None and variant.caveat:
+            variants[variant.name] = {"status": "skipped", "reason": f"{variant.caveat}; name it in --variants to allow it"}
         elif variant.name in tuning.outcomes:
             variants[variant.name] = tuning.outcomes[variant.name].to_dict()
     shape = ", ".join("x".join(map(str, s)) for s in shapes.values())

@@ -73,8 +73,15 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
         opset = default_opset(model)
         for recognize in RECOGNIZERS:
             recognize(graph, opset)
-        graph.cleanup().toposort()
+        sort_nodes(graph.cleanup())
     return graph
+
+
+def sort_nodes(graph: gs.Graph) -> gs.Graph:
+    """Toposort the nodes (and those of subgraphs and functions), not the function list: convlower's
+    functions never call each other, and onnx-graphsurgeon 0.6.1 recurses forever sorting the
+    functions of a graph that also has subgraphs (If/Loop/Scan bodies)."""
+    return graph.toposort(mode="nodes")
 
 
 def apply_choices(model: onnx.ModelProto, choices: Mapping[str, str]) -> onnx.ModelProto:
@@ -93,7 +100,7 @@ def apply_choices(model: onnx.ModelProto, choices: Mapping[str, str]) -> onnx.Mo
         dtype = outputs[0].dtype if outputs[0].dtype is not None else inputs[0].dtype
         builder = Builder(entry.graph, opset, name, dtype=dtype if dtype is not None else "float32")
         variant.build(builder, entry.spec, inputs, outputs)
-    graph.cleanup().toposort()
+    sort_nodes(graph.cleanup())
     return finish(model, graph)
 
 

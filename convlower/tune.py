@@ -27,6 +27,7 @@ from .inputs import random_inputs
 from .runner import Runner, TimingPolicy, time_interleaved
 from .shapes import graph_inputs
 from .verify import compare
+from .rewrite import sort_nodes
 
 ORIGINAL = "original"
 NATIVE = "native"
@@ -86,7 +87,7 @@ def micro_model(
         variant.build(Builder(graph, opset, node.name, dtype=dtype), spec, inputs, outputs)
     used = {(n.domain, n.op) for n in graph.nodes}
     graph.functions = [f for f in functions if (f.domain, f.name) in used]
-    graph.cleanup().toposort()
+    sort_nodes(graph.cleanup())
     return attach_functions(gs.export_onnx(graph, do_type_check=False, opset_imports=list(opset_imports)))
 
 

@@ -117,7 +117,9 @@ class VerifyResult:
 
 
 def compare(name: str, reference: np.ndarray, candidate: np.ndarray, atol: float | None, rtol: float | None) -> OutputDiff:
-    """Error statistics of one output pair (NaNs in the same places count as equal)."""
+    """Error statistics of one output pair. Equal values (the same infinity, NaN in the same place)
+    count as equal; anything else where the reference is not finite is a mismatch, since no
+    tolerance around an infinity means anything."""
     ref = np.asarray(reference)
     cand = np.asarray(candidate)
     a, r = tolerances(ref.dtype, atol, rtol)
@@ -131,12 +133,13 @@ def compare(name: str, reference: np.ndarray, candidate: np.ndarray, atol: float
         )
     ref64 = ref.astype(np.float64)
     cand64 = cand.astype(np.float64)
-    both_nan = np.isnan(ref64) & np.isnan(cand64)
-    diff = np.where(both_nan, 0.0, np.abs(ref64 - cand64))
+    same = (ref64 == cand64) | (np.isnan(ref64) & np.isnan(cand64))
+    with np.errstate(invalid="ignore"):
+        diff = np.where(same, 0.0, np.abs(ref64 - cand64))
     diff = np.where(np.isnan(diff), np.inf, diff)
     rel = diff / np.maximum(np.abs(ref64), np.finfo(np.float64).tiny)
     rel = np.where(diff == 0, 0.0, rel)
-    bad = diff > a + r * np.abs(ref64)
+    bad = ~same & (~np.isfinite(ref64) | (diff > a + r * np.abs(ref64)))
     worst = np.unravel_index(int(np.argmax(diff)), ref.shape) if ref.size else ()
     return OutputDiff(
         **base,

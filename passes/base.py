@@ -65,9 +65,13 @@ class GroupedKernelSizes:
 
 
 class Variant(Protocol):
-    """One way to compute an op. `native` keeps the op itself."""
+    """One way to compute an op. `native` keeps the op itself.
+
+    `caveat` names inputs the variant does not compute exactly as the op (empty when it does): the
+    tuner leaves such a variant out unless the user names it (`--variants OP=NAME`)."""
 
     name: str
+    caveat: str
 
     def why_not(self, spec: Any) -> str | None: ...
 
@@ -82,6 +86,7 @@ class SimpleVariant:
     why_not_fn: Callable[[Any], str | None]
     build_fn: Callable[["Builder", Any, Sequence[gs.Tensor], Sequence[gs.Variable]], None]
     summary: str = ""
+    caveat: str = ""
 
     def why_not(self, spec: Any) -> str | None:
         return self.why_not_fn(spec)

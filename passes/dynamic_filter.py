@@ -11,6 +11,12 @@ for X `[N, C, *S]`, F `[N, G, K, *S_out]` and Y `[N, C, *S_out]`. Written as unf
 magnitude faster. The variants here are those formulations; `shift_sum` is also the body of the
 op's model-local function, since it runs for any shape.
 
+Every variant works at spatial ranks 1 to 3 (and more) and with symbolic batch and spatial dims
+(and symbolic C and G, except `conv_unfold`, whose identity kernel has C groups): what a
+Reshape target or a Gather index needs of an unknown dim is read off `Shape` at run time. Every
+variant keeps the definition's NaN and ±inf pattern: ±inf or NaN in X or F gives exactly the
+outputs that the sum of products gives (see `bounded` for how `conv_unfold` does).
+
 The building blocks (padding, shifted slices, gathered windows, identity-kernel Conv) are shared
 with the Unfold family in `unfold.py`.
 """
@@ -180,11 +186,6 @@ class DynamicFilterSpec(WindowSpec):
         """C / G: channels sharing one filter plane."""
         return None if self.channels is None or self.groups is None else self.channels // self.groups
 
-    def static(self) -> bool:
-        """Channels, groups and spatial extents known: what constant-shaped lowerings need."""
-        dims = (self.channels, self.groups, *self.in_spatial, *self.out_spatial)
-        return all(d is not None for d in dims)
-
 
 def make_spec(node: gs.Node, opset: int) -> DynamicFilterSpec:
     """Read a DynamicFilter node; raises NotLowerable with the reason it cannot be described."""
@@ -255,19 +256,45 @@ def stacked_windows(b: Builder, padded: gs.Tensor, window: SlidingWindow, first_
     return b.concat(taps, axis=first_axis)
 
 
+def output_extents(b: Builder, window: SlidingWindow, x: gs.Tensor, out_spatial: Sequence[Dim]) -> list[int | gs.Tensor]:
+    """The output extent per spatial axis: the int where it is known, else a 1-element int64 tensor
+    computed at run time from X's shape by the Conv formula `(S + pads - reach + stride) // stride`."""
+    extents: list[int | gs.Tensor] = []
+    for i, known in enumerate(out_spatial):
+        if known is not None:
+            extents.append(int(known))
+            continue
+        extent: gs.Tensor = b.shape(x, 2 + i, 3 + i)
+        offset = window.pads[i] + window.pads[i + window.rank] - window.reach(i) + window.strides[i]
+        if offset:
+            extent = b.add(extent, b.ints([offset]))
+        if window.strides[i] != 1:
+            extent = b.op("Div", [extent, b.ints([window.strides[i]])])
+        extents.append(extent)
+    return extents
+
+
 def gathered_windows(
-    b: Builder, padded: gs.Tensor, window: SlidingWindow, out_spatial: Sequence[int], first_axis: int
+    b: Builder, padded: gs.Tensor, window: SlidingWindow, out_spatial: Sequence[int | gs.Tensor], first_axis: int
 ) -> gs.Tensor:
     """The unfolded input `[..., K_1, .., K_r, S_1, .., S_r]` by one Gather per spatial axis,
-    the way torch exports F.unfold: index `[k, p] = k * dilation + p * stride`."""
+    the way torch exports F.unfold: index `[k, p] = k * dilation + p * stride`. An extent given as
+    a tensor (see `output_extents`) gets its index from Range at run time, as the TorchScript
+    exporter computes it; a known one gets a constant index."""
     r = window.rank
     gathered = padded
     for i in range(r):
-        index = (
-            np.arange(window.kernel_shape[i])[:, None] * window.dilations[i]
-            + np.arange(out_spatial[i])[None, :] * window.strides[i]
-        )
-        gathered = b.op("Gather", [gathered, index.astype(np.int64)], {"axis": first_axis + 2 * i})
+        taps = np.arange(window.kernel_shape[i], dtype=np.int64)[:, None] * window.dilations[i]
+        extent = out_spatial[i]
+        index: gs.Tensor | np.ndarray
+        if isinstance(extent, gs.Tensor):
+            zero, stride = b.const(np.asarray(0, np.int64), "zero"), b.const(np.asarray(window.strides[i], np.int64), "stride")
+            limit = b.mul(b.squeeze(extent, [0]), stride)
+            positions = b.op("Range", [zero, limit, stride])
+            index = b.add(b.const(taps, "taps"), b.unsqueeze(positions, [0]))
+        else:
+            index = taps + np.arange(int(extent), dtype=np.int64)[None, :] * window.strides[i]
+        gathered = b.op("Gather", [gathered, index], {"axis": first_axis + 2 * i})
     if r == 1:
         return gathered
     leading = list(range(first_axis))
@@ -281,29 +308,41 @@ def identity_kernel(window: SlidingWindow, channels: int, dtype: np.dtype) -> np
     return np.tile(taps, (channels, 1) + (1,) * window.rank)
 
 
-def conv_windows(b: Builder, x: gs.Tensor, window: SlidingWindow, channels: int) -> gs.Tensor:
-    """The unfolded input `[N, C*K, *S_out]` by a grouped Conv with an identity kernel."""
-    weights = b.const(identity_kernel(window, channels, b.dtype), "identity_kernel")
+def conv_windows(b: Builder, x: gs.Tensor, window: SlidingWindow, channels: int, scale: float = 1.0) -> gs.Tensor:
+    """The unfolded input `[N, C*K, *S_out]`, times `scale`, by a grouped Conv with an identity kernel.
+
+    The Conv multiplies every tap by its kernel entry, zeros included, so a ±inf or NaN in X
+    turns the other K - 1 rows of each window it lies in to NaN (0 * inf): exact for finite X."""
+    weights = b.const(scale * identity_kernel(window, channels, b.dtype), "identity_kernel")
     return b.op("Conv", [x, weights], {"group": channels, **window.attrs()})
 
 
+def bounded(b: Builder, x: gs.Tensor) -> gs.Tensor:
+    """X with ±inf replaced by ±max (the largest finite value), NaN and finite values kept.
+
+    `conv_windows(bounded(x), scale=2)` reads the taps without ever computing 0 * inf: a ±max tap
+    doubles to ±inf (overflow), every finite one to exactly 2x, so the rows hold 2x with ±inf
+    where X is ±inf. (A finite value beyond max / 2 overflows too: ~1.7e38 in float32.)"""
+    largest = float(np.finfo(b.dtype).max)
+    clipped = b.op("Clip", [x, b.scalar(-largest), b.scalar(largest)])
+    return b.op("Where", [b.op("IsInf", [x]), clipped, x])
+
+
 # --- variants ---------------------------------------------------------------------------------------
-
-
-def _need_static(spec: DynamicFilterSpec) -> str | None:
-    if not spec.static():
-        return "needs static channels, groups and spatial extents"
-    return None
 
 
 def _grouped(b: Builder, spec: DynamicFilterSpec, x: gs.Tensor, f: gs.Tensor) -> gs.Tensor:
     """X as `[N, G, C/G, *S]`, so that F's `[N, G, 1, *S_out]` planes broadcast over each group."""
     if spec.groups == 1:
         return b.unsqueeze(x, [1])
-    groups: int | gs.Tensor = spec.groups if spec.groups is not None else b.shape(f, 1, 2)
-    group_channels = spec.group_channels if spec.group_channels is not None else -1
     spatial = dims_or_shape(b, spec.in_spatial, x, 2)
-    return b.reshape(x, shape_vector(b, [0, groups, group_channels, *spatial]))
+    return b.reshape(x, shape_vector(b, [0, *_group_dims(b, spec, f), *spatial]))
+
+
+def _group_dims(b: Builder, spec: DynamicFilterSpec, f: gs.Tensor) -> list[int | gs.Tensor]:
+    """G and C/G for a Reshape target: ints where known, else G read off F's shape and C/G as -1."""
+    groups: int | gs.Tensor = spec.groups if spec.groups is not None else b.shape(f, 1, 2)
+    return [groups, spec.group_channels if spec.group_channels is not None else -1]
 
 
 def _ungrouped(b: Builder, spec: DynamicFilterSpec, y: gs.Tensor, out: gs.Variable) -> None:
@@ -327,18 +366,21 @@ def build_shift_sum(b: Builder, spec: DynamicFilterSpec, inputs: Sequence[gs.Ten
 
 
 def _unfolded_sum(
-    b: Builder, spec: DynamicFilterSpec, columns: gs.Tensor, f: gs.Tensor, out: gs.Variable, *, einsum: bool
+    b: Builder, spec: DynamicFilterSpec, columns: gs.Tensor, f: gs.Tensor, out: gs.Variable, *, einsum: bool, scale: float = 1.0
 ) -> None:
-    """Given the unfolded input `[N, C, K..., *S_out]` (any grouping of C and K axes), weight it by F
-    and sum the taps: one Einsum, or a broadcast Mul and a ReduceSum."""
-    groups, group_channels = int(spec.groups), int(spec.group_channels)  # type: ignore[arg-type]
-    out_spatial = [int(s) for s in spec.out_spatial]  # type: ignore[arg-type]
-    columns = b.reshape(columns, [0, groups, group_channels, spec.window.taps, *out_spatial])
+    """Given the unfolded input `[N, C, K..., *S_out]` (any grouping of C and K axes, the output's
+    spatial axes last), weight it by F and sum the taps: one Einsum, or a broadcast Mul and a
+    ReduceSum; then times `scale`. Unknown extents are read off the columns' shape at run time."""
+    r = spec.window.rank
+    spatial = dims_or_shape(b, spec.out_spatial, columns, -r)
+    columns = b.reshape(columns, shape_vector(b, [0, *_group_dims(b, spec, f), spec.window.taps, *spatial]))
     if einsum:
-        s = SPATIAL_LETTERS[: spec.window.rank]
+        s = SPATIAL_LETTERS[:r]
         weighted = b.einsum(f"ngck{s},ngk{s}->ngc{s}", [columns, f])
     else:
         weighted = b.reduce_sum(b.mul(columns, b.unsqueeze(f, [2])), [3])
+    if scale != 1.0:
+        weighted = b.mul(weighted, b.scalar(scale))
     _ungrouped(b, spec, weighted, out)
 
 
@@ -348,17 +390,23 @@ def build_unfold_einsum(
     """Seed 000 method_1, as torch exports it: unfold by Pad + Gather per axis, then one Einsum."""
     x, f = inputs
     padded = pad_spatial(b, x, spec.window, leading_axes=2)
-    columns = gathered_windows(b, padded, spec.window, spec.out_spatial, first_axis=2)  # type: ignore[arg-type]
+    extents = output_extents(b, spec.window, x, spec.out_spatial)
+    columns = gathered_windows(b, padded, spec.window, extents, first_axis=2)
     _unfolded_sum(b, spec, columns, f, outputs[0], einsum=True)
 
 
 def build_conv_unfold(
     b: Builder, spec: DynamicFilterSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]
 ) -> None:
-    """Unfold by an identity-kernel grouped Conv (onnxruntime's fast im2col), then Mul + ReduceSum."""
+    """Unfold by an identity-kernel grouped Conv (onnxruntime's fast im2col), then Mul + ReduceSum.
+
+    The Conv reads X with ±inf bounded and a kernel of 2s (see `bounded`), and the sum is halved,
+    so ±inf taps stay ±inf (a plain identity Conv would make their windows NaN); a NaN tap still
+    spreads over its windows' rows, which changes nothing: every output it is summed into is NaN,
+    as the definition has it."""
     x, f = inputs
-    columns = conv_windows(b, x, spec.window, int(spec.channels))  # type: ignore[arg-type]
-    _unfolded_sum(b, spec, columns, f, outputs[0], einsum=False)
+    columns = conv_windows(b, bounded(b, x), spec.window, int(spec.channels), scale=2.0)  # type: ignore[arg-type]
+    _unfolded_sum(b, spec, columns, f, outputs[0], einsum=False, scale=0.5)
 
 
 def build_concat_shifts(
@@ -378,7 +426,8 @@ def build_nhwc_shift_sum(
     x, f = inputs
     r = spec.window.rank
     spatial = list(range(3, 3 + r))
-    grouped = b.reshape(x, [0, int(spec.groups), int(spec.group_channels), *spec.in_spatial])  # type: ignore[arg-type]
+    in_spatial = dims_or_shape(b, spec.in_spatial, x, 2)
+    grouped = b.reshape(x, shape_vector(b, [0, *_group_dims(b, spec, f), *in_spatial]))
     channels_last = b.transpose(grouped, [0, *spatial, 1, 2])
     padded = b.pad(channels_last, [0, *spec.window.pads[:r], 0, 0, 0, *spec.window.pads[r:], 0, 0])
     planes = b.transpose(b.unsqueeze(f, [3]), [2, 0, *(a + 1 for a in spatial), 1, 3])
@@ -387,21 +436,30 @@ def build_nhwc_shift_sum(
         for k, tap in enumerate(shifted_windows(b, padded, spec.window, first_axis=1))
     ]
     channels_first = b.transpose(b.sum(products), [0, r + 1, r + 2, *range(1, r + 1)])
-    b.reshape(channels_first, [0, int(spec.channels), *spec.out_spatial], out=outputs[0])  # type: ignore[arg-type]
+    out_spatial = dims_or_shape(b, spec.out_spatial, channels_first, 3)
+    channels = spec.channels if spec.channels is not None else -1
+    b.reshape(channels_first, shape_vector(b, [0, channels, *out_spatial]), out=outputs[0])
 
 
 def _conv_unfold_why_not(spec: DynamicFilterSpec) -> str | None:
     if spec.dtype != "float32":
         return f"onnxruntime's CPU Conv runs float32 only, not {spec.dtype}"
-    return _need_static(spec)
+    if spec.channels is None:
+        return "needs static channels (the identity kernel has C * K output channels)"
+    return None
+
+
+def _any_shape(spec: DynamicFilterSpec) -> str | None:
+    """Variants whose unknown dims are read off Shape at run time apply to every node."""
+    return None
 
 
 VARIANTS = (
-    SimpleVariant("shift_sum", lambda spec: None, build_shift_sum, "Pad, then Slice * filter plane per tap, summed"),
-    SimpleVariant("unfold_einsum", _need_static, build_unfold_einsum, "Gather unfold + Einsum (seed 000 method_1)"),
+    SimpleVariant("shift_sum", _any_shape, build_shift_sum, "Pad, then Slice * filter plane per tap, summed"),
+    SimpleVariant("unfold_einsum", _any_shape, build_unfold_einsum, "Gather unfold + Einsum (seed 000 method_1)"),
     SimpleVariant("conv_unfold", _conv_unfold_why_not, build_conv_unfold, "identity-kernel Conv unfold, Mul, ReduceSum"),
-    SimpleVariant("concat_shifts", _need_static, build_concat_shifts, "Concat of shifted slices, Mul, ReduceSum"),
-    SimpleVariant("nhwc_shift_sum", _need_static, build_nhwc_shift_sum, "shift_sum in channels-last layout"),
+    SimpleVariant("concat_shifts", _any_shape, build_concat_shifts, "Concat of shifted slices, Mul, ReduceSum"),
+    SimpleVariant("nhwc_shift_sum", _any_shape, build_nhwc_shift_sum, "shift_sum in channels-last layout"),
 )
 
 

@@ -26,10 +26,72 @@ from typing import Callable, Hashable, Iterable, Sequence, TypeVar
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx.reference import ReferenceEvaluator
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from convlower.shapes import with_static_inputs
+from convlower.shapes import infer_shapes
+
+from .base import Dim, constant_value, static_shape
+from .local_functions import attach_functions
 
 M = TypeVar("M")
+
+SHAPE_ARITHMETIC = frozenset({
+    "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Max", "Min", "Range", "Unsqueeze", "Squeeze", "Concat", "Cast",
+    "Reshape", "Gather", "Slice", "Identity", "ConstantOfShape", "Transpose", "Expand", "Equal", "Less", "Greater",
+    "Not", "Where",
+})
+"""Ops the exporters use to compute indices, sizes and shapes from Shape; folded with onnx.reference."""
+MAX_FOLDED_RANGE = 1 << 20
+"""The longest Range folded: index arithmetic is as long as a spatial axis, never more."""
+
+
+def folded_value(tensor: gs.Tensor, opset: int, depth: int = 16) -> np.ndarray | None:
+    """The value of a tensor computed only from constants and static dims, else None.
+
+    Covers initializers, Constant nodes, `Shape` (and `Gather` of a `Shape`) where the dims read are
+    static, and small integer arithmetic on those.
+    """
+    value = constant_value(tensor)
+    if value is not None or depth == 0 or len(tensor.inputs) != 1:
+        return value
+    node = tensor.inputs[0]
+    if node.op == "Shape":
+        dims = _shape_dims(node)
+        return None if dims is None or None in dims else np.asarray(dims, dtype=np.int64)
+    if node.op == "Gather" and node.inputs[0].inputs and node.inputs[0].inputs[0].op == "Shape":
+        dims, index = _shape_dims(node.inputs[0].inputs[0]), folded_value(node.inputs[1], opset, depth - 1)
+        if dims is None or index is None:
+            return None
+        picked = np.asarray(np.asarray(dims, dtype=object)[index])
+        return None if any(d is None for d in np.ravel(picked)) else picked.astype(np.int64)
+    if node.op not in SHAPE_ARITHMETIC or (node.domain or "") not in ("", "ai.onnx"):
+        return None
+    inputs = [folded_value(t, opset, depth - 1) if t.name else np.empty(0) for t in node.inputs]
+    if any(v is None for v in inputs):
+        return None
+    if node.op == "Range" and abs(float((inputs[1] - inputs[0]) / inputs[2])) > MAX_FOLDED_RANGE:
+        return None
+    values = {t.name: v for t, v in zip(node.inputs, inputs) if t.name}
+    try:
+        return ReferenceEvaluator(OnnxExporter.export_node(node), opsets={"": opset}).run(None, values)[0]
+    except Exception:  # noqa: BLE001 - onnx.reference raises many kinds; an unfoldable value is just unknown
+        return None
+
+
+def _shape_dims(shape_node: gs.Node) -> list[Dim] | None:
+    """What a Shape node reads (start/end applied): ints where static, None where not."""
+    dims = static_shape(shape_node.inputs[0])
+    if dims is None:
+        return None
+    start, end = shape_node.attrs.get("start", 0), shape_node.attrs.get("end", len(dims))
+    return list(dims[start:end])
+
+
+FOLDED_INPUTS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Gather": (1,), "Pad": (1,), "Expand": (1,), "Tile": (1,),
+                 "Unsqueeze": (1,), "Squeeze": (1,), "ReduceSum": (1,), "ConstantOfShape": (0,)}
+"""Inputs that carry shapes, sizes, indices or axes: in a trial graph, folded to constants where they
+are computed from shapes, so that inference sees them."""
 
 TRIAL_BATCH = (2, 3)
 """Sizes a symbolic first axis (the batch, by convention) takes in the trials."""
@@ -83,12 +145,51 @@ def trial_graphs(graph: gs.Graph, opset: int) -> list[gs.Graph]:
     model, weights = _shapes_model(graph, opset)
     trials = []
     for binding in trial_bindings(graph):
-        trial = gs.import_onnx(with_static_inputs(model, binding))
+        trial = gs.import_onnx(_bound(model, graph, binding))
         if not all(_is_static_shape(t.shape) for t in trial.inputs):
             return []
+        if _fold_shape_inputs(trial, opset):
+            trial = gs.import_onnx(infer_shapes(_exported(trial)))
         _restore_weights(trial, weights)
         trials.append(trial)
     return trials
+
+
+def _bound(model: onnx.ModelProto, graph: gs.Graph, binding: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """The model at one trial binding, shapes inferred. Shapes the exporter recorded in terms of
+    the input dims' names (the dynamo exporter records `batch`, `H`, ...) take the trial sizes, so
+    inference starts from what the exporter knew, not from nothing."""
+    sizes = {dim: size for t in graph.inputs for dim, size in zip(t.shape or (), binding.get(t.name, ()))
+             if isinstance(dim, str) and dim}
+    bound = onnx.ModelProto()
+    bound.CopyFrom(model)
+    for value in list(bound.graph.input) + list(bound.graph.value_info) + list(bound.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in sizes:
+                dim.dim_value = sizes[dim.dim_param]
+    for value in bound.graph.input:
+        if value.name in binding:
+            for dim, size in zip(value.type.tensor_type.shape.dim, binding[value.name]):
+                dim.dim_value = size
+    return infer_shapes(bound)
+
+
+def _fold_shape_inputs(trial: gs.Graph, opset: int) -> bool:
+    """Replace the shape-carrying inputs that a trial's static dims determine with constants (the
+    exporters compute them from Shape with arithmetic that data propagation does not follow, such
+    as Div); True when any was replaced."""
+    folded = False
+    for node in trial.nodes:
+        for index in FOLDED_INPUTS.get(node.op, ()):
+            if index >= len(node.inputs) or not node.inputs[index].name or isinstance(node.inputs[index], gs.Constant):
+                continue
+            value = folded_value(node.inputs[index], opset)
+            if value is not None:
+                node.inputs[index] = gs.Constant(f"{node.inputs[index].name}/folded", np.asarray(value))
+                folded = True
+    if folded:
+        trial.cleanup()
+    return folded
 
 
 def _is_static_shape(shape: Sequence[object] | None) -> bool:
@@ -108,10 +209,16 @@ def _shapes_model(graph: gs.Graph, opset: int) -> tuple[onnx.ModelProto, dict[st
             for node in list(tensor.outputs):
                 node.inputs[:] = [stand_in if t is tensor else t for t in node.inputs]
             copy.inputs.append(stand_in)
-    model = gs.export_onnx(copy, do_type_check=False)
+    model = _exported(copy)
     if not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("", opset))
     return model, weights
+
+
+def _exported(graph: gs.Graph) -> onnx.ModelProto:
+    """The graph as a model whose canonical nodes carry their function overloads again (graphsurgeon
+    drops them; ONNX shape inference refuses a model with two bodies of one function otherwise)."""
+    return attach_functions(gs.export_onnx(graph, do_type_check=False))
 
 
 def _restore_weights(trial: gs.Graph, weights: dict[str, np.ndarray]) -> None:

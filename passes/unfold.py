@@ -6,11 +6,17 @@ stride)` as
     Pad(x) -> Gather(axis=2, index[kh, ho]) -> Gather(axis=4, index[kw, wo]) -> Transpose(0,1,2,4,3,5)
 
 with `index[k, p] = k * dilation + p * stride`, giving T `[N, C, Kh, Kw, Ho, Wo]`; one Reshape or
-more then make the `[N, C*K, L]` of F.unfold or the user's view of it. The dynamo exporter stores
-the indices as initializers; the TorchScript one computes them from `Shape(x)` with Range and Add,
-so indices are read by folding that arithmetic (spatial extents must be static).
+more then make the `[N, C*K, L]` of F.unfold or the user's view of it. At static dims the dynamo
+exporter stores the indices as initializers; the TorchScript one, and both under symbolic dims,
+compute them from `Shape(x)` with Range and Add:
 
-Two recognizers run, in order:
+    Shape(x) -> Gather -> Add(pads) -> Sub(reach - 1) -> Range -> Unsqueeze -> Add([[0], [d], [2d]]) -> index
+
+The matchers read static shapes and fold that arithmetic (`folded_value`); under symbolic dims
+they run at trial sizes (`symbolic.matches_at_every_size`), and the rewrite reads the batch and
+the output extent from the input's run-time shape, so the model keeps its symbolic dims.
+
+Two recognizers run (plain unfolds last, after every recognizer that consumes an unfold):
 
 1. `recognize_dynamic_filters`: a view of T weighted by filters and summed over exactly the kernel
    axes -- `einsum('nckhw,nkhw->nchw', ...)` (seed 000, method_1) or `(cols * f).sum(dim)` (kernel
@@ -33,8 +39,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx.reference import ReferenceEvaluator
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from . import register, register_recognizer
 from .base import Builder, Dim, OpFamily, SimpleVariant, attr_text, constant_value, static_shape
@@ -53,61 +57,10 @@ from .dynamic_filter import (
     window_spec_fields,
 )
 from .local_functions import DOMAIN, CanonicalOp, add_function, register_canonical_op
+from .symbolic import dims_across, folded_value, local, matches_at_every_size
 
 OP_TYPE = "Unfold"
 UNFOLD_PERM = [0, 1, 2, 4, 3, 5]
-
-# --- values known at rewrite time -------------------------------------------------------------------
-
-SHAPE_ARITHMETIC = frozenset(
-    {"Add", "Sub", "Mul", "Div", "Neg", "Range", "Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Gather", "Slice", "Identity"}
-)
-"""Ops the TorchScript exporter uses to compute unfold indices from shapes; folded with onnx.reference."""
-MAX_FOLDED_RANGE = 1 << 20
-"""The longest Range folded: index arithmetic is as long as a spatial axis, never more."""
-
-
-def folded_value(tensor: gs.Tensor, opset: int, depth: int = 16) -> np.ndarray | None:
-    """The value of a tensor computed only from constants and static dims, else None.
-
-    Covers initializers, Constant nodes, `Shape` (and `Gather` of a `Shape`) where the dims read are
-    static, and small integer arithmetic on those.
-    """
-    value = constant_value(tensor)
-    if value is not None or depth == 0 or len(tensor.inputs) != 1:
-        return value
-    node = tensor.inputs[0]
-    if node.op == "Shape":
-        dims = _shape_dims(node)
-        return None if dims is None or None in dims else np.asarray(dims, dtype=np.int64)
-    if node.op == "Gather" and node.inputs[0].inputs and node.inputs[0].inputs[0].op == "Shape":
-        dims, index = _shape_dims(node.inputs[0].inputs[0]), folded_value(node.inputs[1], opset, depth - 1)
-        if dims is None or index is None:
-            return None
-        picked = np.asarray(np.asarray(dims, dtype=object)[index])
-        return None if any(d is None for d in np.ravel(picked)) else picked.astype(np.int64)
-    if node.op not in SHAPE_ARITHMETIC or (node.domain or "") not in ("", "ai.onnx"):
-        return None
-    inputs = [folded_value(t, opset, depth - 1) if t.name else np.empty(0) for t in node.inputs]
-    if any(v is None for v in inputs):
-        return None
-    if node.op == "Range" and abs(float((inputs[1] - inputs[0]) / inputs[2])) > MAX_FOLDED_RANGE:
-        return None
-    values = {t.name: v for t, v in zip(node.inputs, inputs) if t.name}
-    try:
-        return ReferenceEvaluator(OnnxExporter.export_node(node), opsets={"": opset}).run(None, values)[0]
-    except Exception:  # noqa: BLE001 - onnx.reference raises many kinds; an unfoldable value is just unknown
-        return None
-
-
-def _shape_dims(shape_node: gs.Node) -> list[Dim] | None:
-    """What a Shape node reads (start/end applied): ints where static, None where not."""
-    dims = static_shape(shape_node.inputs[0])
-    if dims is None:
-        return None
-    start, end = shape_node.attrs.get("start", 0), shape_node.attrs.get("end", len(dims))
-    return list(dims[start:end])
-
 
 def _same_dim(a: int | str | None, b: int | str | None) -> bool:
     """Equal static dims, or the same named symbolic dim."""
@@ -127,6 +80,10 @@ class UnfoldMatch:
     batch: int | str | None
     channels: int
     out_spatial: tuple[int, int]
+
+    def signature(self) -> tuple:
+        """What must be the same at every trial size for the match to hold at every size."""
+        return (self.columns.name, self.source.name, self.window, self.channels)
 
     @property
     def axes(self) -> list[tuple[str, int]]:
@@ -384,27 +341,26 @@ def _filter_groups(match: UnfoldMatch, kinds: list[str], use: FilterUse) -> int 
     return 1
 
 
-def _canonical_filters(b: Builder, match: UnfoldMatch, kinds: list[str], use: FilterUse, groups: int) -> gs.Tensor:
-    """The filters as `[N, E*G, K, Ho, Wo]`: their axes put in canonical order (batch, extra, channel,
-    kernel, spatial -- the view's order with the extra axes after the batch), then reshaped; only a
-    reordering of axes longer than 1 needs a Transpose."""
-    in_view = [axis for axis, kind in zip(use.filter_axes, kinds) if axis is not None and kind != "unit"]
-    ordered = in_view[:1] + list(use.extra_axes) + in_view[1:]
-    perm = ordered + [a for a in range(len(use.filters.shape)) if a not in ordered]
-    filters = use.filters
-    moved = [a for a in perm if use.filters.shape[a] != 1]
-    if moved != sorted(moved):
-        filters = b.transpose(filters, perm)
-    target = [math.prod(use.extra_shape) * groups, match.window.taps, *match.out_spatial]
-    if filters is use.filters and list(filters.shape[1:]) == target:
-        return filters
-    filters = b.reshape(filters, [0, *target])
-    filters.shape, filters.dtype = [match.batch, *target], use.filters.dtype
-    return filters
+@dataclass(frozen=True)
+class FilterMatch:
+    """A dynamic filter found over one F.unfold: the unfold, the kind of each axis of the view the
+    filters weight, the use, and the filter groups G."""
+
+    unfold: UnfoldMatch
+    kinds: tuple[str, ...]
+    use: FilterUse
+    groups: int
+
+    def signature(self) -> tuple:
+        """What must be the same at every trial size for the match to hold at every size."""
+        use = self.use
+        return (use.consumer.outputs[0].name, use.view.name, use.filters.name, self.unfold.window, self.kinds,
+                self.groups, use.filter_axes, use.reduced, use.extra_axes, use.output_perm)
 
 
-def recognize_dynamic_filters(graph: gs.Graph, opset: int) -> None:
-    """Replace every exported unfold-weight-sum idiom with one `convlower.DynamicFilter` node."""
+def find_dynamic_filters(graph: gs.Graph, opset: int) -> list[FilterMatch]:
+    """Every unfold-weight-sum idiom of a graph whose shapes are static (but perhaps the batch)."""
+    found = []
     for match in find_unfolds(graph, opset):
         for view in _views(match.columns):
             kinds = axis_kinds(match, view)
@@ -413,68 +369,170 @@ def recognize_dynamic_filters(graph: gs.Graph, opset: int) -> None:
             for use in _filter_uses(view, opset):
                 groups = _filter_groups(match, kinds, use)
                 if groups is not None and use.consumer.outputs:
-                    _replace_with_dynamic_filter(graph, opset, match, kinds, use, groups)
+                    found.append(FilterMatch(match, tuple(kinds), use, groups))
+    return found
+
+
+def recognize_dynamic_filters(graph: gs.Graph, opset: int) -> None:
+    """Replace every exported unfold-weight-sum idiom with one `convlower.DynamicFilter` node,
+    at static shapes or, found alike at every trial size, under symbolic dims."""
+    for per_trial in matches_at_every_size(graph, opset, find_dynamic_filters, FilterMatch.signature):
+        _replace_with_dynamic_filter(graph, opset, per_trial)
     graph.cleanup()
 
 
-def _replace_with_dynamic_filter(
-    graph: gs.Graph, opset: int, match: UnfoldMatch, kinds: list[str], use: FilterUse, groups: int
-) -> None:
-    """Emit the DynamicFilter for `use` and what brings its `[N, E*C, Ho, Wo]` to the use's output.
+def output_extent(b: Builder, x: gs.Tensor, window: SlidingWindow, static: Sequence[Dim]) -> list[int | gs.Tensor]:
+    """The output's spatial extent per axis: the static size where known, else a 1-element tensor
+    computed from `x`'s run-time shape with the Conv formula."""
+    extent: list[int | gs.Tensor] = []
+    for axis, size in enumerate(static):
+        if size is not None:
+            extent.append(int(size))
+            continue
+        dim: gs.Tensor = b.shape(x, 2 + axis, 3 + axis)
+        grow = window.pads[axis] + window.pads[axis + window.rank] - window.reach(axis) + 1
+        if grow or window.strides[axis] != 1:
+            dim = b.add(dim, b.ints([grow - 1]))
+            if window.strides[axis] != 1:
+                dim = b.op("Div", [dim, b.ints([window.strides[axis]])])
+            dim = b.add(dim, b.ints([1]))
+        extent.append(dim)
+    return extent
+
+
+def _shape_parts(
+    b: Builder, per_trial: Sequence[Sequence[int]], batches: Sequence[int], spatials: Sequence[Sequence[int]],
+    batch: gs.Tensor, extent: Sequence[int | gs.Tensor],
+) -> list[int | gs.Tensor] | None:
+    """A Reshape target that holds at every size, from the target found at each trial: per axis a
+    static size, the batch, one spatial axis of the output, or (once) all of them merged (-1).
+    None when an axis is none of these."""
+    parts: list[int | gs.Tensor] = []
+    for dims in zip(*per_trial):
+        spatial = [i for i in range(len(extent)) if all(d == s[i] for d, s in zip(dims, spatials))]
+        if all(d == dims[0] for d in dims):
+            parts.append(int(dims[0]))
+        elif all(d == n for d, n in zip(dims, batches)):
+            parts.append(batch)
+        elif spatial:
+            parts.append(extent[spatial[0]])
+        elif all(d == math.prod(s) for d, s in zip(dims, spatials)) and -1 not in parts:
+            parts.append(-1)
+        else:
+            return None
+    return parts
+
+
+def _canonical_filters(
+    b: Builder, per_trial: Sequence[FilterMatch], filters: gs.Tensor, extent: Sequence[int | gs.Tensor]
+) -> gs.Tensor:
+    """The filters as `[N, E*G, K, *S_out]`: their axes put in canonical order (batch, extra,
+    channel, kernel, spatial -- the view's order with the extra axes after the batch), then
+    reshaped; only a reordering of axes longer than 1 needs a Transpose."""
+    first = per_trial[0]
+    use, kinds = first.use, first.kinds
+    in_view = [axis for axis, kind in zip(use.filter_axes, kinds) if axis is not None and kind != "unit"]
+    ordered = in_view[:1] + list(use.extra_axes) + in_view[1:]
+    perm = ordered + [a for a in range(len(use.filters.shape)) if a not in ordered]
+    moved = [a for a in perm if use.filters.shape[a] != 1]
+    transposed = moved != sorted(moved)
+    if transposed:
+        filters = b.transpose(filters, perm)
+    head = [math.prod(use.extra_shape) * first.groups, first.unfold.window.taps]
+    if not transposed and all(
+        list(m.use.filters.shape[1:]) == head + list(m.unfold.out_spatial) for m in per_trial
+    ):
+        return filters
+    reshaped = b.reshape(filters, shape_vector(b, [0, *head, *extent]))
+    reshaped.shape = [filters.shape[0] if filters.shape else None, *head, *(e if isinstance(e, int) else None for e in extent)]
+    reshaped.dtype = use.filters.dtype
+    return reshaped
+
+
+def _replace_with_dynamic_filter(graph: gs.Graph, opset: int, per_trial: Sequence[FilterMatch]) -> None:
+    """Emit the DynamicFilter for a match (one per trial size) and what brings its `[N, E*C, *S_out]`
+    to the use's output, shape-generic: sizes that vary between trials are read at run time.
 
     With extra filter axes (E > 1) the input is tiled E times along the channels, so channel
     e*C + c is filtered by group e*G + c // (C/G).
     """
-    output = use.consumer.outputs[0]
-    use.consumer.outputs.clear()
-    dtype = output.dtype or np.float32
+    first = per_trial[0]
+    match, use = first.unfold, first.use
+    output = local(graph, use.consumer.outputs[0])
+    source, filters = local(graph, match.source), local(graph, use.filters)
+    out_spatial = dims_across(*(m.unfold.out_spatial for m in per_trial))
+    dtype = output.dtype or use.consumer.outputs[0].dtype or np.float32
     b = Builder(graph, opset, use.consumer.name or DYNAMIC_FILTER, dtype=dtype)
+    batch = b.shape(source, 0, 1)
+    extent = output_extent(b, source, match.window, out_spatial)
     copies = math.prod(use.extra_shape)
-    source = match.source
+    channels = copies * match.channels
     if copies > 1:
-        source = b.op("Tile", [match.source, b.ints([1, copies, 1, 1])])
-        source.shape, source.dtype = [match.batch, copies * match.channels, *match.source.shape[2:]], match.source.dtype
-    filters = _canonical_filters(b, match, kinds, use, groups)
-    attrs = match.window.attrs()
-    shape = [match.batch, copies * match.channels, *match.out_spatial]
-    steps: list[tuple[str, list[int]]] = []
+        tiled = b.op("Tile", [source, b.ints([1, copies, 1, 1])])
+        tiled.shape, tiled.dtype = [source.shape[0], channels, *source.shape[2:]], source.dtype
+        source = tiled
+    filters = _canonical_filters(b, per_trial, filters, extent)
+
+    steps: list[tuple[str, list[list[int]] | list[int]]] = []
+    shapes = [[m.unfold.batch, channels, *m.unfold.out_spatial] for m in per_trial]
     perm = list(use.output_perm or ())
     if perm != sorted(perm):
-        kept = [int(d) for j, d in enumerate(use.view.shape[1:], 1) if j not in use.reduced]
-        natural = [match.batch, *use.extra_shape, *kept]
-        steps += [("Reshape", [0, *natural[1:]]), ("Transpose", perm)]
-        shape = [natural[p] for p in perm]
-    if list(output.shape) != shape:
-        steps.append(("Reshape", [0, *output.shape[1:]]))
-    result = b.op(DYNAMIC_FILTER, [source, filters], attrs, domain=DOMAIN, out=None if steps else output)
-    result.shape, result.dtype = [match.batch, copies * match.channels, *match.out_spatial], dtype
-    for i, (op, values) in enumerate(steps):
-        out = output if i == len(steps) - 1 else None
-        result = b.reshape(result, values, out=out) if op == "Reshape" else b.transpose(result, values, out=out)
+        naturals = [[m.unfold.batch, *m.use.extra_shape, *(int(d) for j, d in enumerate(m.use.view.shape[1:], 1) if j not in m.use.reduced)]
+                    for m in per_trial]
+        steps += [("Reshape", naturals), ("Transpose", perm)]
+        shapes = [[n[p] for p in perm] for n in naturals]
+    wanted = [list(m.use.consumer.outputs[0].shape) for m in per_trial]
+    if wanted != shapes:
+        steps.append(("Reshape", wanted))
+
+    targets = []
+    for op, values in steps:
+        if op == "Reshape":
+            parts = _shape_parts(b, values, [m.unfold.batch for m in per_trial],  # type: ignore[arg-type]
+                                 [m.unfold.out_spatial for m in per_trial], batch, extent)
+            if parts is None:
+                return
+            values = parts
+        targets.append((op, values))
+
+    output.inputs[0].outputs.clear()
+    attrs = match.window.attrs()
+    result = b.op(DYNAMIC_FILTER, [source, filters], attrs, domain=DOMAIN, out=None if targets else output)
+    result.shape, result.dtype = [source.shape[0], channels, *out_spatial], dtype
+    for i, (op, values) in enumerate(targets):
+        out = output if i == len(targets) - 1 else None
+        result = b.reshape(result, shape_vector(b, values), out=out) if op == "Reshape" else b.transpose(result, values, out=out)
     add_function(graph, DYNAMIC_FILTER, attrs, opset)
-
-
-def recognize_unfolds(graph: gs.Graph, opset: int) -> None:
-    """Replace every exported F.unfold that is still used with a `convlower.Unfold` node."""
-    for match in find_unfolds(graph, opset):
-        if not match.columns.outputs:
-            continue
-        transpose = match.columns.inputs[0]
-        transpose.outputs.clear()
-        b = Builder(graph, opset, transpose.name or OP_TYPE, dtype=match.columns.dtype or np.float32)
-        attrs = match.window.attrs()
-        unfolded = b.op(OP_TYPE, [match.source], attrs, domain=DOMAIN)
-        unfolded.shape = [match.batch, match.channels * match.window.taps, math.prod(match.out_spatial)]
-        unfolded.dtype = match.columns.dtype
-        b.reshape(unfolded, [0, match.channels, *match.window.kernel_shape, *match.out_spatial], out=match.columns)
-        add_function(graph, OP_TYPE, attrs, opset)
-    graph.cleanup()
 
 
 register_recognizer(recognize_dynamic_filters)
 
 
+def recognize_unfolds(graph: gs.Graph, opset: int) -> None:
+    """Replace every exported F.unfold that is still used with a `convlower.Unfold` node, at static
+    shapes or, found alike at every trial size, under symbolic dims."""
+    for per_trial in matches_at_every_size(graph, opset, find_unfolds, UnfoldMatch.signature):
+        match = per_trial[0]
+        columns, source = local(graph, match.columns), local(graph, match.source)
+        if not columns.outputs:
+            continue
+        transpose = columns.inputs[0]
+        transpose.outputs.clear()
+        b = Builder(graph, opset, transpose.name or OP_TYPE, dtype=columns.dtype or np.float32)
+        out_spatial = dims_across(*(m.out_spatial for m in per_trial))
+        attrs = match.window.attrs()
+        unfolded = b.op(OP_TYPE, [source], attrs, domain=DOMAIN)
+        length = None if None in out_spatial else math.prod(out_spatial)  # type: ignore[arg-type]
+        unfolded.shape, unfolded.dtype = [source.shape[0], match.channels * match.window.taps, length], columns.dtype
+        extent = output_extent(b, source, match.window, out_spatial)
+        b.reshape(unfolded, shape_vector(b, [0, match.channels, *match.window.kernel_shape, *extent]), out=columns)
+        add_function(graph, OP_TYPE, attrs, opset)
+    graph.cleanup()
+
+
 # --- the Unfold family -------------------------------------------------------------------------------
+
+from .dynamic_filter import output_extents  # noqa: E402 - the family's own needs, kept with it
 
 
 @dataclass(frozen=True)
@@ -486,22 +544,22 @@ def make_unfold_spec(node: gs.Node, opset: int) -> UnfoldSpec:
     return UnfoldSpec(**window_spec_fields(node))
 
 
-def _columns_out(b: Builder, spec: UnfoldSpec, stacked: gs.Tensor, out: gs.Variable) -> None:
-    """`[N, C, K..., *S_out]` (taps and positions each in row-major order) to `[N, C*K, L]`."""
-    static = [spec.channels, *spec.out_spatial]
-    if all(d is not None for d in static):
-        rows = int(spec.channels) * spec.window.taps  # type: ignore[arg-type]
-        b.reshape(stacked, [0, rows, math.prod(spec.out_spatial)], out=out)  # type: ignore[arg-type]
+def _columns_out(b: Builder, spec: UnfoldSpec, unfolded: gs.Tensor, out: gs.Variable) -> None:
+    """`[N, C, K..., *S_out]` (taps and positions each in row-major order, the K taps on one axis
+    or on one per spatial axis) to `[N, C*K, L]`."""
+    if spec.channels is not None:
+        b.reshape(unfolded, [0, spec.channels * spec.window.taps, -1], out=out)
         return
-    per_tap = b.reshape(stacked, [0, 0, 0, -1])
+    per_tap = b.reshape(unfolded, [0, 0, spec.window.taps, -1])
     b.reshape(per_tap, shape_vector(b, [0, -1, b.shape(per_tap, 3)]), out=out)
 
 
 def build_gather(b: Builder, spec: UnfoldSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
-    """As torch exports it: Pad, one Gather per spatial axis, Transpose, Reshape."""
+    """As torch exports it: Pad, one Gather per spatial axis (indices from Range at run time where
+    an extent is symbolic), Transpose, Reshape."""
     padded = pad_spatial(b, inputs[0], spec.window, leading_axes=2)
-    gathered = gathered_windows(b, padded, spec.window, spec.out_spatial, first_axis=2)  # type: ignore[arg-type]
-    _columns_out(b, spec, gathered, outputs[0])
+    extents = output_extents(b, spec.window, inputs[0], spec.out_spatial)
+    _columns_out(b, spec, gathered_windows(b, padded, spec.window, extents, first_axis=2), outputs[0])
 
 
 def build_slice_concat(b: Builder, spec: UnfoldSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
@@ -511,14 +569,20 @@ def build_slice_concat(b: Builder, spec: UnfoldSpec, inputs: Sequence[gs.Tensor]
 
 
 def build_conv_unfold(b: Builder, spec: UnfoldSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
-    """A grouped Conv with an identity kernel writes tap k of channel c to row c*K + k."""
+    """A grouped Conv with an identity kernel writes tap k of channel c to row c*K + k.
+
+    Exact for finite X only: the Conv's 0 * inf and 0 * NaN turn the other K - 1 rows of every
+    window holding a ±inf or NaN to NaN. DynamicFilter's conv_unfold mends ±inf (see `bounded`)
+    because a NaN tap makes its whole output NaN anyway; here each row is an output, and no single
+    elementwise op after the Conv can tell a spread NaN from a read one. Branching on the input
+    (`If`) would fix it at no cost, but onnx-graphsurgeon 0.6.1's toposort recurses forever on a
+    graph holding both functions and subgraphs."""
     columns = conv_windows(b, inputs[0], spec.window, int(spec.channels))  # type: ignore[arg-type]
     b.reshape(columns, [0, 0, -1], out=outputs[0])
 
 
-def _gather_why_not(spec: UnfoldSpec) -> str | None:
-    if spec.channels is None or any(d is None for d in spec.out_spatial):
-        return "needs static channels and spatial extents (the Gather indices are constants)"
+def _any_shape(spec: UnfoldSpec) -> str | None:
+    """Variants whose unknown dims are read off Shape at run time apply to every node."""
     return None
 
 
@@ -526,14 +590,17 @@ def _conv_unfold_why_not(spec: UnfoldSpec) -> str | None:
     if spec.dtype != "float32":
         return f"onnxruntime's CPU Conv runs float32 only, not {spec.dtype}"
     if spec.channels is None:
-        return "needs static channels (the identity kernel has C groups)"
+        return "needs static channels (the identity kernel has C * K output channels)"
     return None
 
 
 VARIANTS = (
-    SimpleVariant("gather", _gather_why_not, build_gather, "Pad + Gather per axis + Transpose (as exported)"),
-    SimpleVariant("slice_concat", lambda spec: None, build_slice_concat, "Pad + Slice per tap + Concat"),
-    SimpleVariant("conv_unfold", _conv_unfold_why_not, build_conv_unfold, "grouped Conv with an identity kernel"),
+    SimpleVariant("gather", _any_shape, build_gather, "Pad + Gather per axis + Transpose (as exported)"),
+    SimpleVariant("slice_concat", _any_shape, build_slice_concat, "Pad + Slice per tap + Concat"),
+    SimpleVariant(
+        "conv_unfold", _conv_unfold_why_not, build_conv_unfold, "grouped Conv with an identity kernel",
+        caveat="spreads NaN and ±inf in X to the other columns of their window (the identity kernel computes 0·inf)",
+    ),
 )
 
 

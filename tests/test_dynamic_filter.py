@@ -204,9 +204,8 @@ def test_spec_and_reasons_a_variant_does_not_apply() -> None:
     assert (spec.batch, spec.channels, spec.groups, spec.in_spatial, spec.out_spatial) == (2, 4, 2, (None, 8), (None, 8))
     assert spec.key() == make_spec(node, 18).key()
     reasons = {v.name: v.why_not(spec) for v in FAMILIES["dynamicfilter"].variants}
-    assert reasons["shift_sum"] is None
     assert "float32 only" in reasons["conv_unfold"]
-    assert "static" in reasons["unfold_einsum"]
+    assert [name for name, why in reasons.items() if why is not None] == ["conv_unfold"]
 
 
 @pytest.mark.parametrize(

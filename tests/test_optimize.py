@@ -257,3 +257,43 @@ def test_cli_optimize_on_cuda_without_a_gpu_is_a_usage_error(block: onnx.ModelPr
     assert main(["optimize", str(source), "--provider", "cuda", "--no-cache"]) == 2
     assert "--provider cuda" in capsys.readouterr().err
     assert not (tmp_path / "block.convlower.onnx").exists()
+
+
+def test_a_variant_with_a_caveat_is_tuned_only_when_named() -> None:
+    """Unfold's conv_unfold spreads NaN/inf across a window: left out of tuning, saying why,
+    unless the user names it in --variants."""
+    from convlower.passes.local_functions import DOMAIN, attach_functions
+    from tests.helpers import single_node_model
+
+    attrs = {"kernel_shape": [3, 3], "strides": [1, 1], "dilations": [1, 1], "pads": [1, 1, 1, 1]}
+    model = attach_functions(single_node_model("Unfold", [("x", (1, 4, 12, 12))], 3, attrs=attrs, domain=DOMAIN))
+    (node,) = convlower.optimize(model, provider="cpu", cache=None, guard=False).report.nodes
+    assert node.variants["conv_unfold"]["status"] == "skipped"
+    assert "0·inf" in node.variants["conv_unfold"]["reason"] and "--variants" in node.variants["conv_unfold"]["reason"]
+    assert node.variants["slice_concat"]["status"] == "ok"
+    (named,) = convlower.optimize(model, provider="cpu", cache=None, guard=False, variants=["unfold=conv_unfold"]).report.nodes
+    assert named.variants["conv_unfold"]["status"] == "ok"
+
+
+def test_a_canonical_node_beside_control_flow_is_lowered() -> None:
+    """A model holding both model-local functions and an If body (onnx-graphsurgeon 0.6.1 recursed
+    forever sorting such a graph's functions)."""
+    from convlower.passes.local_functions import DOMAIN, attach_functions
+
+    attrs = {"kernel_shape": [3, 3], "strides": [1, 1], "dilations": [1, 1], "pads": [1, 1, 1, 1]}
+    branch = lambda op, name: helper.make_graph(  # noqa: E731
+        [helper.make_node(op, ["y0"], [name])], name, [], [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)])
+    nodes = [
+        helper.make_node("DynamicFilter", ["x", "f"], ["y0"], domain=DOMAIN, name="filter", **attrs),
+        helper.make_node("If", ["c"], ["y"], then_branch=branch("Identity", "t"), else_branch=branch("Neg", "e"), name="if"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8]),
+              helper.make_tensor_value_info("f", TensorProto.FLOAT, [1, 1, 9, 8, 8]),
+              helper.make_tensor_value_info("c", TensorProto.BOOL, [])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = attach_functions(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)]))
+    result = convlower.lower(model, ["DynamicFilter=shift_sum"])
+    assert [n.variant for n in result.nodes] == ["shift_sum"]
+    feeds = {"x": RNG.standard_normal((1, 2, 8, 8)).astype(np.float32), "f": RNG.standard_normal((1, 1, 9, 8, 8)).astype(np.float32)}
+    for c in (True, False):
+        assert_equivalent(model, result.model, inputs={**feeds, "c": np.array(c)})
