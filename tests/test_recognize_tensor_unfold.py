@@ -90,8 +90,8 @@ def reduced(patches, filters, rank: int, reduce: str):
         return torch.einsum(f"nc{letters},n{letters}->nc{letters[:rank]}", patches, filters)
     if reduce == "einsum_channels_last":
         return torch.einsum(f"nc{letters},nc{letters}->n{letters[:rank]}c", patches, filters)
-    weighted = patches * filters
-    if reduce == "sum":
+    weighted = filters * patches if reduce == "filters_first" else patches * filters
+    if reduce in ("sum", "filters_first"):
         return weighted.sum(taps)
     if reduce == "sum_dim":
         return weighted.sum(dim=taps[::-1])
@@ -246,12 +246,12 @@ def test_unpadded_static(rank: int, stride: int, groups: int, dynamo: bool, tmp_
 
 @pytest.mark.parametrize(
     "reduce, dynamo",
-    [pytest.param(r, False, id=f"legacy-{r}") for r in ("sum_dim", "sum_chain", "keepdim", "einsum", "einsum_channels_last")]
+    [pytest.param(r, False, id=f"legacy-{r}") for r in ("sum_dim", "sum_chain", "keepdim", "filters_first", "einsum", "einsum_channels_last")]
     + [pytest.param(r, True, id=f"dynamo-{r}") for r in ("sum_chain", "einsum")],
 )
 def test_ways_of_summing_the_taps(reduce: str, dynamo: bool, tmp_path: Path) -> None:
-    """`.sum(dim=(-1, -2))`, `.sum(-1).sum(-1)`, `keepdim=True` (kept axes restored by Unsqueeze), an
-    einsum whose filters lack the channel axis, and one with per-channel filters and a channels-last
+    """`.sum(dim=(-1, -2))`, `.sum(-1).sum(-1)`, `keepdim=True` (kept axes restored by Unsqueeze),
+    `filters * patches`, an einsum whose filters lack the channel axis, and one with per-channel filters and a channels-last
     output (a Transpose after the DynamicFilter). The ReduceSum after the unfolds is the same in both
     exporters' graphs, so dynamo exports only the chain and an einsum."""
     groups = CHANNELS if reduce == "einsum_channels_last" else 1
