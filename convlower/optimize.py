@@ -32,7 +32,7 @@ from .errors import UsageError
 from .inputs import Feeds, feeds_shapes, load_npz
 from .modelio import ModelLike, default_opset, load_model
 from .report import NodeReport, Report
-from .rewrite import PlannedNode, all_graphs, apply_choices, import_graph, plan_nodes
+from .rewrite import PlannedNode, all_graphs, apply_choices, finish, import_graph, plan_nodes
 from .runner import Runner, TimingPolicy, time_interleaved
 from .shapes import graph_inputs, resolve_shapes, with_static_inputs
 from .tune import ORIGINAL, NodeTuning, VariantOutcome, choose, tune_node, tuning_key
@@ -123,8 +123,9 @@ def optimize(
     planned = plan_nodes(graph, default_opset(proto))
     exported = {node.name for node in onnx_nodes(proto.graph)}
     recognized = {e.name for e in planned if e.family.domain and e.name not in exported}
-    static_shapes = _static_shapes(proto, shapes)
-    static_shapes.update(_observed_shapes(proto, _unknown_inputs(planned, graph, static_shapes), shapes, feeds, runner))
+    recognized_proto = finish(proto, graph)
+    static_shapes = _static_shapes(recognized_proto, shapes)
+    static_shapes.update(_observed_shapes(recognized_proto, _unknown_inputs(planned, graph, static_shapes), shapes, feeds, runner))
     groups = _group(planned, static_shapes, report)
     cache_store = TuningCache(default_cache_path() if cache is USE_DEFAULT_CACHE else cache)  # type: ignore[arg-type]
     environment = [runner.provider, runner.device, report.onnxruntime, threads]
@@ -186,9 +187,12 @@ def _given_feeds(model: onnx.ModelProto, inputs: str | Feeds | None) -> Feeds | 
     return dict(inputs) if isinstance(inputs, dict) else load_npz(inputs, graph_inputs(model))
 
 
-def _static_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...] | None]:
-    """Every tensor's shape (in every subgraph) once the inputs are bound to the profiling shapes."""
-    static = import_graph(with_static_inputs(model, shapes))
+def _static_shapes(recognized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...] | None]:
+    """Every tensor's shape (in every subgraph) once the inputs are bound to the profiling shapes.
+
+    `recognized` is the model as planned, recognized idioms included: recognizing again at static
+    shapes could name the tensors it makes otherwise."""
+    static = gs.import_onnx(with_static_inputs(recognized, shapes))
     found: dict[str, tuple[int, ...] | None] = {}
     for graph in all_graphs(static):
         for name, tensor in graph.tensors().items():

@@ -185,7 +185,7 @@ class Session:
         binding = self.ort.io_binding()
         keep = []
         for name, array in selected.items():
-            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array).reshape(array.shape), "cuda", 0)
             keep.append(value)
             binding.bind_ortvalue_input(name, value)
         for name in self.output_names:

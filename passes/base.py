@@ -260,7 +260,7 @@ class Builder:
     def const(self, value: np.ndarray, hint: str = "const") -> gs.Constant:
         """A new initializer."""
         name = self.graph._generate_name(f"{self.prefix}/{hint}", set(self.graph.tensors().keys()))
-        return gs.Constant(name, np.ascontiguousarray(value))
+        return gs.Constant(name, np.ascontiguousarray(value).reshape(np.shape(value)))
 
     def ints(self, values: Sequence[int]) -> gs.Constant:
         return self.const(np.asarray(list(values), dtype=np.int64), "ints")
