@@ -66,11 +66,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import register_recognizer
-from .base import Builder, attr_text, constant_value, static_shape
+from .base import Builder, static_shape
 from .dynamic_filter import OP_TYPE as DYNAMIC_FILTER, SlidingWindow, shape_vector
 from .local_functions import DOMAIN, add_function
-from .symbolic import dims_across, local, matches_at_every_size
-from .unfold import _einsum_use, _reduce_sum_axes, _window_axis, folded_value
+from .symbolic import dims_across, folded_value, local, matches_at_every_size
+from .unfold import einsum_use, reduce_sum_axes, window_axis, zero_pads
 
 Axis = tuple[str, int]
 """What one axis of the patches holds: ("n", 0) batch, ("c", 0) channels, ("s", j) spatial axis j
@@ -198,24 +198,6 @@ def _normalized(axis: int, rank: int) -> int:
 # --- the padding and the window -----------------------------------------------------------------------
 
 
-def zero_pads(pad: gs.Node, opset: int, rank: int) -> list[int] | None:
-    """The pads of a constant-mode Pad that pads with zeros over all `rank` axes; None for any other
-    Pad (another mode, a fill that is not zero or not known, an `axes` input, negative pads).
-    The rank-generic form of unfold.py's `_zero_pads` (which takes 4-D inputs only)."""
-    if attr_text(pad.attrs.get("mode", "constant")) != "constant" or len(pad.inputs) < 2:
-        return None
-    if len(pad.inputs) > 3 and pad.inputs[3].name:
-        return None
-    if len(pad.inputs) > 2 and pad.inputs[2].name:
-        fill = constant_value(pad.inputs[2])
-        if fill is None or np.any(fill != 0):
-            return None
-    pads = folded_value(pad.inputs[1], opset)
-    if pads is None or pads.shape != (2 * rank,) or np.any(pads < 0):
-        return None
-    return [int(p) for p in pads]
-
-
 @dataclass(frozen=True)
 class Patches:
     """`Tensor.unfold` patches of `source` X `[N, C, *S]` over every spatial axis: `axes` says what
@@ -258,7 +240,7 @@ def match_patches(tensor: gs.Tensor, opset: int) -> Patches | None:
             return None
         source, pads = pad.inputs[0], all_pads[2 : rank + 2] + all_pads[rank + 4 :]
     found = dict(trace.indices)
-    axes = [_window_axis(found[j].T, int(shape[2 + j])) for j in range(rank)]  # type: ignore[arg-type]
+    axes = [window_axis(found[j].T, int(shape[2 + j])) for j in range(rank)]  # type: ignore[arg-type]
     if any(a is None for a in axes):
         return None
     kernel, strides, dilations, out = zip(*axes)  # type: ignore[misc]
@@ -297,7 +279,7 @@ def _summed_axes(first: gs.Node, rank: int, kernel: set[int], opset: int) -> tup
     None when a sum runs over any other axis or the chain stops short of the taps."""
     node, held, summed = first, list(range(rank)), set()
     while True:
-        axes = _reduce_sum_axes(node, len(held), opset)
+        axes = reduce_sum_axes(node, len(held), opset)
         if axes is None or any(held[a] is None or held[a] not in kernel for a in axes):
             return None
         summed |= {held[a] for a in axes}
@@ -369,7 +351,7 @@ def _uses(patches: Patches, opset: int) -> list[tuple[gs.Node, gs.Tensor, tuple[
                 if summed is not None:
                     found.append((summed[0], weights[0], weights[1], summed[1]))
         elif node.op == "Einsum":
-            use = _einsum_use(node, patches.tensor)
+            use = einsum_use(node, patches.tensor)
             if use is None or use.extra_axes or use.reduced != kernel:
                 continue
             natural = [i for i in range(rank) if i not in use.reduced]
