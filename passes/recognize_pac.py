@@ -50,7 +50,7 @@ from .dynamic_filter import SlidingWindow, dims_or_shape, shape_vector
 from .local_functions import DOMAIN, add_function
 from .pixel_adaptive_conv import OP_TYPE
 from .symbolic import dims_across, local, matches_at_every_size
-from .unfold import UnfoldMatch, _same_dim, _views, axis_kinds, find_unfolds
+from .unfold import UnfoldMatch, same_dim, views_of, axis_kinds, find_unfolds
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,10 @@ def _kernel_groups(match: UnfoldMatch, view: gs.Tensor, layout: ViewLayout, mul:
         return None
     kernel = mul.inputs[1] if mul.inputs[0] is view else mul.inputs[0]
     shape, view_shape = kernel.shape, view.shape
-    if shape is None or len(shape) != len(view_shape) or not _same_dim(shape[0], view_shape[0]):
+    if shape is None or len(shape) != len(view_shape) or not same_dim(shape[0], view_shape[0]):
         return None
     rest = layout.first_tap
-    if any(not _same_dim(k, v) for k, v in zip(shape[rest:], view_shape[rest:])):
+    if any(not same_dim(k, v) for k, v in zip(shape[rest:], view_shape[rest:])):
         return None
     channels, along = list(shape[1:rest]), list(view_shape[1:rest])
     if all(d == 1 for d in channels):
@@ -174,7 +174,7 @@ def find_pacs(graph: gs.Graph, opset: int) -> list[PacMatch]:
     """Every exported PAC in a graph of static shapes (see the module docstring)."""
     found = []
     for match in find_unfolds(graph, opset):
-        for view in _views(match.columns):
+        for view in views_of(match.columns):
             kinds = axis_kinds(match, view)
             layout = _view_layout(match, kinds) if kinds is not None else None
             if layout is None:

@@ -54,7 +54,7 @@ from .shifted_slices import (
     unsqueezed_axes,
 )
 from .symbolic import local, matches_at_every_size
-from .unfold import _reduce_sum_axes
+from .unfold import reduce_sum_axes
 
 SUMS = ("Add", "Sum")
 FIRST_SPATIAL = 2
@@ -106,7 +106,7 @@ def _stacked_terms(reduce: gs.Node, graph: gs.Graph, opset: int) -> list[gs.Tens
             return []
         terms.append(producer.inputs[0])
     rank = None if not terms or terms[0].shape is None else len(terms[0].shape) + 1
-    return terms if rank and _reduce_sum_axes(reduce, rank, opset) == frozenset({0}) else []
+    return terms if rank and reduce_sum_axes(reduce, rank, opset) == frozenset({0}) else []
 
 
 def _filtered_tap(term: gs.Tensor, graph: gs.Graph, opset: int) -> tuple[ShiftedSlice, gs.Tensor, int] | None:

@@ -44,7 +44,7 @@ from .dynamic_filter import OP_TYPE as DYNAMIC_FILTER, SlidingWindow, shape_vect
 from .local_functions import DOMAIN, add_function
 from .shifted_slices import has_sliced_pad, kernel_window, only_use, shifted_slice, unsqueezed_axes
 from .symbolic import dims_across, local, matches_at_every_size
-from .unfold import _reduce_sum_axes
+from .unfold import reduce_sum_axes
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def _match(reduce: gs.Node, graph: gs.Graph, opset: int) -> StackedShiftsMatch |
             continue
         concat, axis = found
         slices = [shifted_slice(part.inputs[0].inputs[0], axis + 1, opset) for part in concat.inputs]
-        if any(s is None for s in slices) or axis < 1 or _reduce_sum_axes(reduce, len(stacked.shape), opset) != frozenset({axis}):
+        if any(s is None for s in slices) or axis < 1 or reduce_sum_axes(reduce, len(stacked.shape), opset) != frozenset({axis}):
             continue
         window_taps = kernel_window(slices)  # type: ignore[arg-type]
         if window_taps is None:

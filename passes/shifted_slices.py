@@ -30,9 +30,10 @@ from typing import Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import attr_text, constant_value, static_shape
+from .base import constant_value, static_shape
 from .dynamic_filter import SlidingWindow
 from .symbolic import folded_value
+from .unfold import zero_pads
 
 Range = tuple[int, int, int]
 """Positions read along one axis: (first position, step, count)."""
@@ -63,16 +64,8 @@ def has_sliced_pad(graph: gs.Graph) -> bool:
 def spatial_zero_pads(pad: gs.Node, opset: int, rank: int, first_spatial: int) -> tuple[int, ...] | None:
     """The pads (ONNX order, spatial axes only) of a constant-mode Pad that pads a rank-`rank` tensor
     with zeros on the axes from `first_spatial` on and nowhere else; None for any other Pad."""
-    if attr_text(pad.attrs.get("mode", "constant")) != "constant":
-        return None
-    if len(pad.inputs) > 3 and pad.inputs[3].name:
-        return None
-    if len(pad.inputs) > 2 and pad.inputs[2].name:
-        fill = constant_value(pad.inputs[2])
-        if fill is None or np.any(fill != 0):
-            return None
-    pads = folded_value(pad.inputs[1], opset)
-    if pads is None or pads.shape != (2 * rank,) or np.any(pads < 0):
+    pads = zero_pads(pad, opset, rank)
+    if pads is None:
         return None
     if np.any(pads[:first_spatial]) or np.any(pads[rank : rank + first_spatial]):
         return None

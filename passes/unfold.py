@@ -62,7 +62,7 @@ from .symbolic import dims_across, folded_value, local, matches_at_every_size
 OP_TYPE = "Unfold"
 UNFOLD_PERM = [0, 1, 2, 4, 3, 5]
 
-def _same_dim(a: int | str | None, b: int | str | None) -> bool:
+def same_dim(a: int | str | None, b: int | str | None) -> bool:
     """Equal static dims, or the same named symbolic dim."""
     return a is not None and a == b
 
@@ -101,7 +101,7 @@ def match_unfold(transpose: gs.Node, opset: int) -> UnfoldMatch | None:
     if gather_w is None or gather_h is None or _axis(gather_h, 4) != 2 or _axis(gather_w, 5) != 4:
         return None
     pad = _producer(gather_h.inputs[0], "Pad")
-    source, pads = (gather_h.inputs[0], [0] * 8) if pad is None else (pad.inputs[0], _zero_pads(pad, opset))
+    source, pads = (gather_h.inputs[0], [0] * 8) if pad is None else (pad.inputs[0], zero_pads(pad, opset, 4))
     shape = static_shape(source)
     if pads is None or shape is None or len(shape) != 4 or any(d is None for d in shape[1:]) or any(pads[i] for i in (0, 1, 4, 5)):
         return None
@@ -110,7 +110,7 @@ def match_unfold(transpose: gs.Node, opset: int) -> UnfoldMatch | None:
     for axis, gather in enumerate((gather_h, gather_w)):
         index = folded_value(gather.inputs[1], opset)
         padded = shape[2 + axis] + spatial_pads[axis] + spatial_pads[axis + 2]  # type: ignore[operator]
-        found = _window_axis(index, padded)
+        found = window_axis(index, padded)
         if found is None:
             return None
         axes.append(found)
@@ -130,9 +130,10 @@ def _axis(gather: gs.Node, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-def _zero_pads(pad: gs.Node, opset: int) -> list[int] | None:
-    """The pads of a constant-mode Pad that pads with zeros over all 4 axes; None for any other Pad."""
-    if attr_text(pad.attrs.get("mode", "constant")) != "constant":
+def zero_pads(pad: gs.Node, opset: int, rank: int) -> list[int] | None:
+    """The pads of a constant-mode Pad that pads a rank-`rank` tensor with zeros; None for any other
+    Pad (another mode, a fill that is not zero or not known, an `axes` input, negative pads)."""
+    if attr_text(pad.attrs.get("mode", "constant")) != "constant" or len(pad.inputs) < 2:
         return None
     if len(pad.inputs) > 3 and pad.inputs[3].name:
         return None
@@ -141,12 +142,12 @@ def _zero_pads(pad: gs.Node, opset: int) -> list[int] | None:
         if fill is None or np.any(fill != 0):
             return None
     pads = folded_value(pad.inputs[1], opset)
-    if pads is None or pads.shape != (8,) or np.any(pads < 0):
+    if pads is None or pads.shape != (2 * rank,) or np.any(pads < 0):
         return None
     return [int(p) for p in pads]
 
 
-def _window_axis(index: np.ndarray | None, padded: int) -> tuple[int, int, int, int] | None:
+def window_axis(index: np.ndarray | None, padded: int) -> tuple[int, int, int, int] | None:
     """(kernel, stride, dilation, out) of one axis whose Gather index is `k * dilation + p * stride`
     and covers exactly the Conv output extent of `padded` input positions; None otherwise."""
     if index is None or index.ndim != 2 or min(index.shape) < 1 or index[0, 0] != 0:
@@ -165,10 +166,15 @@ def find_unfolds(graph: gs.Graph, opset: int) -> list[UnfoldMatch]:
     return [m for m in (match_unfold(n, opset) for n in graph.nodes if n.op == "Transpose") if m is not None]
 
 
+def has_unfold_transpose(graph: gs.Graph) -> bool:
+    """Whether any node could end an exported F.unfold: spares a graph without one the trial sizes."""
+    return any(n.op == "Transpose" and list(n.attrs.get("perm", [])) == UNFOLD_PERM for n in graph.nodes)
+
+
 # --- views of T and the dynamic-filter idiom ---------------------------------------------------------
 
 
-def _views(columns: gs.Tensor) -> list[gs.Tensor]:
+def views_of(columns: gs.Tensor) -> list[gs.Tensor]:
     """T and every tensor reached from it through Reshape nodes only."""
     found, frontier = [columns], [columns]
     while frontier:
@@ -185,7 +191,7 @@ def axis_kinds(match: UnfoldMatch, view: gs.Tensor) -> list[str] | None:
     in two, as grouped layers do), "k", "s", or "unit" (size 1); None when an axis mixes kinds or
     splits anything but the channels, or the view's shape is not known well enough."""
     shape = view.shape
-    if shape is None or len(shape) < 2 or not _same_dim(shape[0], match.batch):
+    if shape is None or len(shape) < 2 or not same_dim(shape[0], match.batch):
         return None
     dims = list(shape[1:])
     if any(not isinstance(d, int) for d in dims):
@@ -243,7 +249,7 @@ class FilterUse:
         return [int(self.filters.shape[a]) for a in self.extra_axes]
 
 
-def _einsum_use(node: gs.Node, view: gs.Tensor) -> FilterUse | None:
+def einsum_use(node: gs.Node, view: gs.Tensor) -> FilterUse | None:
     """`einsum(view, filters)` or `einsum(filters, view)`: every view letter but the summed ones in
     the output, filter letters from the view or kept in the output, no ellipsis, no diagonals."""
     equation = attr_text(node.attrs.get("equation", "")).replace(" ", "")
@@ -282,7 +288,7 @@ def _mul_sum_uses(node: gs.Node, view: gs.Tensor, opset: int) -> list[FilterUse]
         return []
     axes: list[int | None] = []
     for j, (v, f) in enumerate(zip(view_shape, filter_shape)):
-        if _same_dim(v, f):
+        if same_dim(v, f):
             axes.append(j)
         elif f == 1:
             axes.append(None)
@@ -290,13 +296,13 @@ def _mul_sum_uses(node: gs.Node, view: gs.Tensor, opset: int) -> list[FilterUse]
             return []
     uses = []
     for reduce in node.outputs[0].outputs:
-        reduced = _reduce_sum_axes(reduce, len(view_shape), opset)
+        reduced = reduce_sum_axes(reduce, len(view_shape), opset)
         if reduced is not None:
             uses.append(FilterUse(reduce, view, filters, tuple(axes), reduced))
     return uses
 
 
-def _reduce_sum_axes(node: gs.Node, rank: int, opset: int) -> frozenset[int] | None:
+def reduce_sum_axes(node: gs.Node, rank: int, opset: int) -> frozenset[int] | None:
     if node.op != "ReduceSum" or node.attrs.get("noop_with_empty_axes", 0):
         return None
     if opset >= 13:
@@ -312,7 +318,7 @@ def _filter_uses(view: gs.Tensor, opset: int) -> list[FilterUse]:
     uses: list[FilterUse] = []
     for node in view.outputs:
         if node.op == "Einsum":
-            use = _einsum_use(node, view)
+            use = einsum_use(node, view)
             uses.extend([use] if use else [])
         elif node.op == "Mul":
             uses.extend(_mul_sum_uses(node, view, opset))
@@ -362,7 +368,7 @@ def find_dynamic_filters(graph: gs.Graph, opset: int) -> list[FilterMatch]:
     """Every unfold-weight-sum idiom of a graph whose shapes are static (but perhaps the batch)."""
     found = []
     for match in find_unfolds(graph, opset):
-        for view in _views(match.columns):
+        for view in views_of(match.columns):
             kinds = axis_kinds(match, view)
             if kinds is None:
                 continue
@@ -376,6 +382,8 @@ def find_dynamic_filters(graph: gs.Graph, opset: int) -> list[FilterMatch]:
 def recognize_dynamic_filters(graph: gs.Graph, opset: int) -> None:
     """Replace every exported unfold-weight-sum idiom with one `convlower.DynamicFilter` node,
     at static shapes or, found alike at every trial size, under symbolic dims."""
+    if not has_unfold_transpose(graph):
+        return
     for per_trial in matches_at_every_size(graph, opset, find_dynamic_filters, FilterMatch.signature):
         _replace_with_dynamic_filter(graph, opset, per_trial)
     graph.cleanup()
@@ -511,6 +519,8 @@ register_recognizer(recognize_dynamic_filters)
 def recognize_unfolds(graph: gs.Graph, opset: int) -> None:
     """Replace every exported F.unfold that is still used with a `convlower.Unfold` node, at static
     shapes or, found alike at every trial size, under symbolic dims."""
+    if not has_unfold_transpose(graph):
+        return
     for per_trial in matches_at_every_size(graph, opset, find_unfolds, UnfoldMatch.signature):
         match = per_trial[0]
         columns, source = local(graph, match.columns), local(graph, match.source)
