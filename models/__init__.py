@@ -7,7 +7,8 @@ filters predicted from the input, applied through `F.unfold`, what convlower's `
 recognizer and lowerings are for): `kpn_denoiser`, `involution`, `carafe`, `seed_filter`
 (`DYNAMIC_FILTER`).
 The others hold static Conv / ConvTranspose of varied kinds. `builders` holds ONNX models built
-without torch.
+without torch; `idioms` holds single dynamic-filter layers written the ways papers' code writes
+them (recognition tests and benchmarks use them).
 
 torch is an optional extra of convlower, so importing this package does not import it: `ZOO`'s
 factories and `load(name)` import a family's module (and torch) only when called.

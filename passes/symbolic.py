@@ -178,18 +178,21 @@ def _fold_shape_inputs(trial: gs.Graph, opset: int) -> bool:
     """Replace the shape-carrying inputs that a trial's static dims determine with constants (the
     exporters compute them from Shape with arithmetic that data propagation does not follow, such
     as Div); True when any was replaced."""
-    folded = False
+    folded: dict[str, gs.Constant | None] = {}
     for node in trial.nodes:
         for index in FOLDED_INPUTS.get(node.op, ()):
-            if index >= len(node.inputs) or not node.inputs[index].name or isinstance(node.inputs[index], gs.Constant):
+            tensor = node.inputs[index] if index < len(node.inputs) else None
+            if tensor is None or not tensor.name or isinstance(tensor, gs.Constant):
                 continue
-            value = folded_value(node.inputs[index], opset)
-            if value is not None:
-                node.inputs[index] = gs.Constant(f"{node.inputs[index].name}/folded", np.asarray(value))
-                folded = True
-    if folded:
+            if tensor.name not in folded:
+                value = folded_value(tensor, opset)
+                folded[tensor.name] = None if value is None else gs.Constant(f"{tensor.name}/folded", np.asarray(value))
+            if folded[tensor.name] is not None:
+                node.inputs[index] = folded[tensor.name]
+    replaced = any(c is not None for c in folded.values())
+    if replaced:
         trial.cleanup()
-    return folded
+    return replaced
 
 
 def _is_static_shape(shape: Sequence[object] | None) -> bool:
@@ -206,13 +209,20 @@ def _shapes_model(graph: gs.Graph, opset: int) -> tuple[onnx.ModelProto, dict[st
         if isinstance(tensor, gs.Constant) and tensor.values.size > LARGE_CONSTANT:
             weights[tensor.name] = tensor.values
             stand_in = gs.Variable(tensor.name, dtype=tensor.values.dtype, shape=list(tensor.values.shape))
-            for node in list(tensor.outputs):
-                node.inputs[:] = [stand_in if t is tensor else t for t in node.inputs]
+            _replace_input(tensor, stand_in)
             copy.inputs.append(stand_in)
     model = _exported(copy)
     if not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("", opset))
     return model, weights
+
+
+def _replace_input(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Every node that reads `old` reads `new` instead."""
+    for node in list(old.outputs):
+        for index, tensor in enumerate(list(node.inputs)):
+            if tensor is old:
+                node.inputs[index] = new
 
 
 def _exported(graph: gs.Graph) -> onnx.ModelProto:
@@ -230,8 +240,7 @@ def _restore_weights(trial: gs.Graph, weights: dict[str, np.ndarray]) -> None:
     for name, values in weights.items():
         stand_in = tensors[name]
         constant = gs.Constant(name, values)
-        for node in list(stand_in.outputs):
-            node.inputs[:] = [constant if t is stand_in else t for t in node.inputs]
+        _replace_input(stand_in, constant)
     trial.inputs = [t for t in trial.inputs if t.name not in weights]
 
 

@@ -239,3 +239,29 @@ def test_padding_stays_what_it_was(mode: str, value: float, dynamo: bool, opset:
     if mode != "constant" or value:
         assert node.attrs["pads"] == [0, 0, 0, 0]
         assert node.inputs[0].inputs[0].op == "Pad"
+
+
+class WideKernelPrediction(nn.Module):
+    """Filters predicted by a conv whose weights exceed `symbolic.LARGE_CONSTANT`: trial graphs hold
+    such weights as shapes only, and must put them back for the matchers."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Conv2d(3, 64, 3, padding=1)
+        self.predict = nn.Conv2d(64, 9, 3, padding=1)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        filters = self.predict(self.features(x).relu()).softmax(1)
+        return (F.unfold(x, 3, padding=1).view(n, c, 9, h, w) * filters.unsqueeze(1)).sum(2)
+
+
+@pytest.mark.parametrize("dynamo, opset", EXPORTERS)
+def test_a_net_with_large_weights(dynamo: bool, opset: int, tmp_path: Path) -> None:
+    from convlower.passes.symbolic import LARGE_CONSTANT
+
+    module = WideKernelPrediction()
+    assert module.predict.weight.numel() > LARGE_CONSTANT
+    model = export_symbolic(module, (torch.randn(2, 3, 12, 10),), [IMAGE], dynamo, opset, tmp_path / "w.onnx")
+    sizes = [(torch.randn(1, 3, 9, 14),), (torch.randn(2, 3, 16, 6),)]
+    assert_recognized_under_symbolic_dims(module, model, "DynamicFilter", sizes, {"shift_sum", "conv_unfold"})
