@@ -26,11 +26,6 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 ops = pytest.importorskip("convlower.ops")
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning:torch"),
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning"),
-]
 
 VARIANTS = FAMILIES["dynamicfilter"].variant_names
 ATOL = RTOL = 1e-4

@@ -33,12 +33,6 @@ F = torch.nn.functional
 nn = torch.nn
 from convlower.models.idioms import PixelAdaptive  # noqa: E402  (imports torch)
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning:torch"),
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:Converting a tensor to a Python:torch.jit.TracerWarning"),
-]
 
 OP = "PixelAdaptiveConv"
 VARIANTS = FAMILIES["pixeladaptiveconv"].variant_names

@@ -27,12 +27,6 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 nn = torch.nn
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning:torch"),
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:Converting a tensor to a Python:torch.jit.TracerWarning"),
-]
 
 EXPORTERS = [pytest.param(False, 17, id="legacy-opset17"), pytest.param(True, 18, id="dynamo-opset18")]
 ATOL = RTOL = 1e-4

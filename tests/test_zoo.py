@@ -23,13 +23,6 @@ from tests.helpers import op_types, run
 
 torch = pytest.importorskip("torch")
 
-pytestmark = [  # torch's own noise while exporting; the legacy exporter is tested on purpose
-    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning:torch"),
-    pytest.mark.filterwarnings("ignore:Constant folding - Only steps=1:UserWarning"),
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning"),
-]
-
 # Ops each family's small model exports with, by either exporter.
 UNFOLD = {"Pad", "Gather", "Transpose", "Reshape"}
 EXPECTED_OPS = {
