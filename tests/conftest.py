@@ -1,5 +1,7 @@
 import os
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -10,3 +12,42 @@ settings.register_profile(
 )
 settings.register_profile("thorough", parent=settings.get_profile("convlower"), max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "convlower"))
+
+SABOTAGE = Path(__file__).parent / "sabotage"
+WRONG = pytest.StashKey[list]()
+"""The variants --sabotage-variants made wrong, for the report header."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--sabotage-variants",
+        action="store_true",
+        help="make every non-native convlower variant wrong (its output + 0.05), in this process and in the "
+        "Python subprocesses tests start: the suite must then fail in every family's file and end to end",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under --sabotage-variants: wrap the registry's variants before any test module is imported,
+    and put tests/sabotage (its sitecustomize.py does the same) first on subprocesses' PYTHONPATH."""
+    if not config.getoption("sabotage_variants"):
+        return
+    from tests.sabotage.wrong_variants import make_variants_wrong
+
+    wrong = make_variants_wrong()
+    config.stash[WRONG] = wrong
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(SABOTAGE), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if config.stash.get(WRONG, None):
+        rest = os.environ["PYTHONPATH"].split(os.pathsep)[1:]
+        if rest:
+            os.environ["PYTHONPATH"] = os.pathsep.join(rest)
+        else:
+            del os.environ["PYTHONPATH"]
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    wrong = config.stash.get(WRONG, None)
+    return f"sabotage: {len(wrong)} variants made wrong (+0.05): {', '.join(wrong)}" if wrong else None

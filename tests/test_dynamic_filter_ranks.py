@@ -1,13 +1,13 @@
 """DynamicFilter and Unfold at spatial ranks 1, 2 and 3, under symbolic dims, and on non-finite inputs.
 
-Every variant is checked against NumPy oracles written from the definitions in DESIGN.md (not
-convlower's reference or window helpers): `Y[n, c, p] = sum_k Xpad[n, c, p*stride + k*dilation] *
-F[n, c // (C/G), k, p]`, and F.unfold's rows `[n, c*K + k, l]`. Real onnxruntime, no mocks.
+Every variant is checked against the NumPy oracles of tests/oracles.py, written from the
+definitions in DESIGN.md (not convlower's reference or window helpers): `Y[n, c, p] = sum_k
+Xpad[n, c, p*stride + k*dilation] * F[n, c // (C/G), k, p]`, and F.unfold's rows `[n, c*K + k, l]`.
+Real onnxruntime, no mocks.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from convlower.passes import FAMILIES
 from convlower.passes.dynamic_filter import SlidingWindow
 from convlower.passes.local_functions import DOMAIN, attach_functions
 from tests.helpers import run, single_node_model
+from tests.oracles import filter_oracle, padded, unfold_oracle
 
 torch = pytest.importorskip("torch")
 ops = pytest.importorskip("convlower.ops")
@@ -43,38 +44,7 @@ ELEM_TYPES = {
 TOLERANCES = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
 
 
-# --- oracles, from the definitions ------------------------------------------------------------------
-
-
-def padded(x: np.ndarray, window: SlidingWindow) -> np.ndarray:
-    r = window.rank
-    return np.pad(x, [(0, 0), (0, 0)] + [(window.pads[i], window.pads[i + r]) for i in range(r)])
-
-
-def tap_reads(window: SlidingWindow, out_spatial: tuple[int, ...]) -> list[tuple]:
-    """Per kernel offset (row-major), the index into Xpad's spatial axes of every output position."""
-    reads = []
-    for offset in itertools.product(*(range(k) for k in window.kernel_shape)):
-        axes = [o * d + np.arange(n) * s for o, d, s, n in zip(offset, window.dilations, window.strides, out_spatial)]
-        reads.append((slice(None), slice(None), *np.ix_(*axes)))
-    return reads
-
-
-def filter_oracle(x: np.ndarray, f: np.ndarray, window: SlidingWindow) -> np.ndarray:
-    """Y = sum over taps of Xpad at the tap times its filter plane, filters repeated over each group's channels."""
-    per_channel = np.repeat(f, x.shape[1] // f.shape[1], axis=1)
-    xpad = padded(x, window)
-    y = np.zeros((*x.shape[:2], *f.shape[3:]), dtype=x.dtype)
-    for k, read in enumerate(tap_reads(window, f.shape[3:])):
-        y = y + xpad[read] * per_channel[:, :, k]
-    return y
-
-
-def unfold_oracle(x: np.ndarray, window: SlidingWindow) -> np.ndarray:
-    """F.unfold's `[N, C*K, L]`: row c*K + k holds tap k of channel c at every position, row-major."""
-    out = window.output_size(x.shape[2:])
-    taps = np.stack([padded(x, window)[read] for read in tap_reads(window, out)], axis=2)
-    return taps.reshape(x.shape[0], x.shape[1] * window.taps, -1)
+# --- the oracles (tests/oracles.py) against torch ------------------------------------------------------
 
 
 def torch_unfold_oracle(x: np.ndarray, window: SlidingWindow) -> np.ndarray:

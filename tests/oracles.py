@@ -1,0 +1,75 @@
+"""NumPy oracles for the canonical ops, written from their definitions (DESIGN.md), not from
+convlower's reference, window helpers or lowerings.
+
+    DynamicFilter:  Y[n, c, p] = sum_k Xpad[n, c, p*stride + k*dilation] * F[n, c // (C/G), k, p]
+    Unfold:         F.unfold's rows [n, c*K + k, l]: tap k (row-major) of channel c at position l
+
+A window is anything with `kernel_shape`, `strides`, `dilations` and `pads` (ONNX order: every
+begin pad, then every end pad), such as `convlower.passes.dynamic_filter.SlidingWindow`; only those
+four fields are read: the output extent, the padding and the tap positions are computed here.
+Each tap is read with NumPy fancy indexing, one index array per spatial axis, the plainest
+transcription of the formula (no strided views, no shifted slices as the lowerings use).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+class Window(Protocol):
+    kernel_shape: Sequence[int]
+    strides: Sequence[int]
+    dilations: Sequence[int]
+    pads: Sequence[int]
+
+
+def output_extent(window: Window, spatial: Sequence[int]) -> tuple[int, ...]:
+    """Per spatial axis, how many positions the kernel takes: floor((S + pads - reach) / stride) + 1."""
+    rank = len(window.kernel_shape)
+    return tuple(
+        (size + window.pads[i] + window.pads[i + rank] - window.dilations[i] * (window.kernel_shape[i] - 1) - 1)
+        // window.strides[i] + 1
+        for i, size in enumerate(spatial)
+    )
+
+
+def padded(x: np.ndarray, window: Window) -> np.ndarray:
+    """X with zeros added at the begin and end of each spatial axis."""
+    rank = len(window.kernel_shape)
+    return np.pad(x, [(0, 0), (0, 0)] + [(window.pads[i], window.pads[i + rank]) for i in range(rank)])
+
+
+def tap_reads(window: Window, out_spatial: Sequence[int]) -> list[tuple]:
+    """Per kernel offset (row-major), the index into Xpad of every output position: p*stride + k*dilation."""
+    reads = []
+    for offset in itertools.product(*(range(k) for k in window.kernel_shape)):
+        axes = [o * d + np.arange(n) * s for o, d, s, n in zip(offset, window.dilations, window.strides, out_spatial)]
+        reads.append((slice(None), slice(None), *np.ix_(*axes)))
+    return reads
+
+
+def filter_oracle(x: np.ndarray, f: np.ndarray, window: Window) -> np.ndarray:
+    """DynamicFilter: the sum over taps of Xpad at the tap times its filter plane, each group's
+    filter repeated over that group's C/G channels. Accumulates in X's dtype, tap by tap."""
+    out = output_extent(window, x.shape[2:])
+    taps = math.prod(window.kernel_shape)
+    assert f.shape[0] == x.shape[0] and f.shape[2] == taps and tuple(f.shape[3:]) == out, (x.shape, f.shape, out)
+    assert x.shape[1] % f.shape[1] == 0, "C must be a multiple of G"
+    per_channel = np.repeat(f, x.shape[1] // f.shape[1], axis=1)
+    xpad = padded(x, window)
+    y = np.zeros((*x.shape[:2], *out), dtype=x.dtype)
+    for k, read in enumerate(tap_reads(window, out)):
+        y = y + xpad[read] * per_channel[:, :, k]
+    return y
+
+
+def unfold_oracle(x: np.ndarray, window: Window) -> np.ndarray:
+    """Unfold (F.unfold at any rank): `[N, C*K, L]`, row c*K + k holds tap k of channel c at
+    every output position, positions row-major."""
+    out = output_extent(window, x.shape[2:])
+    taps = np.stack([padded(x, window)[read] for read in tap_reads(window, out)], axis=2)
+    return taps.reshape(x.shape[0], x.shape[1] * math.prod(window.kernel_shape), -1)

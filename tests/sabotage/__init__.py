@@ -1,0 +1,1 @@
+"""Test tooling for `pytest --sabotage-variants` (see tests/conftest.py): make every non-native variant wrong."""
