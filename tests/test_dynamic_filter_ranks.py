@@ -44,21 +44,6 @@ ELEM_TYPES = {
 TOLERANCES = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
 
 
-# --- the oracles (tests/oracles.py) against torch ------------------------------------------------------
-
-
-def torch_unfold_oracle(x: np.ndarray, window: SlidingWindow) -> np.ndarray:
-    """The same rows from torch's F.unfold (rank 2): the oracle of the oracle."""
-    xpad = torch.from_numpy(padded(x, window))
-    return torch.nn.functional.unfold(xpad, window.kernel_shape, dilation=window.dilations, stride=window.strides).numpy()
-
-
-def test_unfold_oracle_agrees_with_torch() -> None:
-    window = SlidingWindow((2, 3), (2, 1), (1, 2), (1, 0, 0, 2))
-    x = np.random.default_rng(0).standard_normal((2, 3, 7, 6)).astype(np.float32)
-    np.testing.assert_array_equal(unfold_oracle(x, window), torch_unfold_oracle(x, window))
-
-
 # --- cases ---------------------------------------------------------------------------------------------
 
 
@@ -140,6 +125,23 @@ def lowered(model: onnx.ModelProto, op: str, variant: str) -> onnx.ModelProto | 
         return None
     assert not [n for n in result.model.graph.node if n.domain == DOMAIN]
     return result.model
+
+
+# --- the oracles (tests/oracles.py) against torch ------------------------------------------------------
+
+
+def torch_unfold_oracle(x: np.ndarray, window: SlidingWindow) -> np.ndarray:
+    """The same rows from torch's F.unfold (rank 2): the oracle of the oracle."""
+    xpad = torch.from_numpy(padded(x, window))
+    return torch.nn.functional.unfold(xpad, window.kernel_shape, dilation=window.dilations, stride=window.strides).numpy()
+
+
+@settings(max_examples=15)
+@given(data=st.data())
+def test_unfold_oracle_agrees_with_torch(data: st.DataObject) -> None:
+    window, spatial = data.draw(windows(2))
+    x = np.random.default_rng(0).standard_normal((2, 3, *spatial)).astype(np.float32)
+    np.testing.assert_array_equal(unfold_oracle(x, window), torch_unfold_oracle(x, window))
 
 
 # --- every rank, every variant ---------------------------------------------------------------------------
