@@ -8,9 +8,11 @@
   the same spec and input shapes are tuned once.
 - tune: see `convlower.tune`; outcomes go to the tuning cache.
 - guard: the original and optimized whole models run on the same inputs; outputs must agree and
-  the optimized model must be measurably faster (interleaved medians, `MODEL_MIN_GAIN`). If it
-  is not, the choices with the least predicted gain are reverted one at a time, and after
-  `GUARD_ROUNDS` tries all of them: convlower never writes a model that is wrong or slower.
+  the optimized model must be measurably faster (interleaved medians, `MODEL_MIN_GAIN`). Outputs
+  that disagree revert every choice; a model that is not faster loses the choices with the least
+  predicted gain one at a time, and after `GUARD_ROUNDS` tries all of them: convlower never
+  writes a model that is wrong or slower. `report.verification` says both whether the outputs
+  agreed ("passed") and whether the model written is the input ("unchanged").
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from .rewrite import PlannedNode, all_graphs, apply_choices, finish, import_grap
 from .runner import Runner, TimingPolicy, time_interleaved
 from .shapes import graph_inputs, resolve_shapes, with_static_inputs
 from .tune import ORIGINAL, NodeTuning, VariantOutcome, choose, tune_node, tuning_key
-from .verify import input_sets, verify
+from .verify import VerifyResult, input_sets, verify
 
 MODEL_MIN_GAIN = 0.01
 """The optimized whole model must be at least this much faster than the original to be kept."""
@@ -308,18 +310,30 @@ def _guard(
 ) -> onnx.ModelProto:
     """Keep `optimized` only if it agrees with `original` and is faster; else revert choices.
 
-    Each round either returns or reverts at least one choice, so it ends; with no choice left the
-    original itself is returned, and there is nothing to verify or time.
+    `report.verification` records both what the check found and what was written: "passed" says
+    whether the last optimized candidate's outputs agreed with the original's, "unchanged" whether
+    the model returned is `original` itself. Outputs that disagree revert every choice at once
+    (passed false, with the errors and the outputs that failed); a candidate that is not faster
+    loses its choice of least predicted gain, and after `GUARD_ROUNDS` such rounds all the rest.
+    Each round either returns or reverts at least one choice, so it ends. With no choice at all
+    nothing runs: `{"unchanged": true}`.
     """
+    if not choices:
+        report.verification = {"unchanged": True}
+        return original
+    choices = dict(choices)
     timing_feeds = feeds if feeds is not None else input_sets(original, input_shapes=shapes, runs=1, seed=1234)[0]
     gains = {n.name: (n.original_ms or 0) - (n.chosen_ms or 0) for n in report.nodes if n.name in choices}
     while choices:
         check = verify(original, optimized, input_shapes=shapes, inputs=feeds, runs=2, atol=atol, rtol=rtol, runner=runner)
-        report.verification = {"passed": check.passed, "max_abs_err": check.max_abs_err, "max_rel_err": check.max_rel_err,
-                               "input_sets": check.input_sets}
+        errors = {"max_abs_err": check.max_abs_err, "max_rel_err": check.max_rel_err, "input_sets": check.input_sets}
         if not check:
-            _revert(report, list(choices), "the optimized model's outputs disagree with the original's")
-            break
+            reason = _disagreement(check)
+            report.verification = {"passed": False, "unchanged": True, **errors,
+                                   "failed_outputs": [o.name for o in check.outputs if not o.passed], "reason": reason}
+            _revert(report, list(choices), f"the optimized model's outputs disagree with the original's: {reason}")
+            return original
+        report.verification = {"passed": True, "unchanged": False, **errors}
         before, after = time_interleaved([runner.session(original), runner.session(optimized)], timing_feeds, MODEL_POLICY)
         report.original_ms, report.optimized_ms = before.median_ms, after.median_ms
         if after.median_ms <= before.median_ms * (1 - MODEL_MIN_GAIN):
@@ -331,8 +345,18 @@ def _guard(
             _revert(report, list(choices), "the guard's revert budget is spent")
             break
         optimized = apply_choices(original, choices) if choices else original
-    report.verification = {"passed": True, "max_abs_err": 0.0, "max_rel_err": 0.0, "input_sets": 0, "unchanged": True}
+    report.verification.update(unchanged=True, reason="the optimized model's outputs agreed, but it was not faster")
     return original
+
+
+def _disagreement(check: VerifyResult) -> str:
+    """What a failed verification found, in a phrase: the largest error among the outputs that
+    failed and their names, or the problems that kept the outputs from being compared."""
+    if check.problems:
+        return "; ".join(check.problems)
+    failed = [o for o in check.outputs if not o.passed]
+    names = ", ".join(o.name for o in failed[:3]) + (f" and {len(failed) - 3} more" if len(failed) > 3 else "")
+    return f"max abs err {max(o.max_abs_err for o in failed):.3g} at {names}"
 
 
 def _revert(report: Report, names: list[str], why: str) -> None:

@@ -107,15 +107,28 @@ class Report:
         return table
 
     def summary(self) -> str:
+        """One line: how many nodes the written model lowers, what the guard found, and whether the
+        model written is the input unchanged (then no end-to-end speedup is claimed)."""
         lowered = sum(1 for n in self.nodes if n.chosen != "original")
-        verdict = "verified" if self.verification.get("passed") else "NOT verified"
-        if self.speedup:
-            speed = f"{self.speedup:.2f}x end to end ({_ms(self.original_ms)} -> {_ms(self.optimized_ms)} ms)"
-        elif not lowered:
-            speed = "the original is kept: no variant beat it"
+        counted = f"{lowered} of {len(self.nodes)} node(s) lowered" + (f" ({len(self.reverted)} reverted)" if self.reverted else "")
+        check = self.verification
+        if check.get("passed") is False:
+            outcome = f"outputs disagreed ({check.get('reason')}); wrote the input unchanged"
+        elif check.get("passed") and check.get("unchanged"):
+            outcome = (f"outputs agreed but the optimized model was not faster ({_ms(self.optimized_ms)} vs "
+                       f"{_ms(self.original_ms)} ms); wrote the input unchanged")
+        elif check.get("passed"):
+            outcome = f"{self._speed()}; verified"
+        elif check.get("unchanged"):
+            outcome = "no variant beat the original; wrote the input unchanged"
         else:
-            speed = "end-to-end timing skipped"
-        return f"{lowered} of {len(self.nodes)} node(s) lowered; {speed}; {verdict}; on {self.provider} ({self.device})"
+            outcome = f"{self._speed()}; NOT verified" + (" (guard off)" if check.get("skipped") else "")
+        return f"{counted}; {outcome}; on {self.provider} ({self.device})"
+
+    def _speed(self) -> str:
+        if not self.speedup:
+            return "end-to-end timing skipped"
+        return f"{self.speedup:.2f}x end to end ({_ms(self.original_ms)} -> {_ms(self.optimized_ms)} ms)"
 
     def __str__(self) -> str:
         console = Console(width=160, record=True, file=io.StringIO())

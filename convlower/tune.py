@@ -26,7 +26,7 @@ from .errors import UsageError
 from .inputs import random_inputs
 from .runner import Runner, TimingPolicy, time_interleaved
 from .shapes import graph_inputs
-from .verify import compare
+from .verify import OutputDiff, compare
 from .rewrite import sort_nodes
 
 ORIGINAL = "original"
@@ -126,8 +126,9 @@ def tune_node(
             continue
         diffs = [compare(str(i), r, g, atol, rtol) for i, (r, g) in enumerate(zip(reference, got))]
         error = max(d.max_abs_err for d in diffs)
-        if not all(d.passed for d in diffs):
-            outcomes[variant.name] = VariantOutcome("rejected", max_abs_err=error, reason="output disagrees with the original node")
+        failed = [d for d in diffs if not d.passed]
+        if failed:
+            outcomes[variant.name] = VariantOutcome("rejected", max_abs_err=error, reason=_disagreement(failed[0]))
             continue
         outcomes[variant.name] = VariantOutcome("ok", max_abs_err=error)
         sessions.append((variant.name, session))
@@ -158,6 +159,12 @@ def tuning_key(spec: Any, shapes: dict[str, tuple[int, ...]]) -> str:
     """What makes two nodes the same tuning problem: the spec and the concrete input shapes, in
     the node's input order (tensor names do not matter)."""
     return spec_key(spec) + "|" + ",".join("x".join(map(str, shape)) for shape in shapes.values())
+
+
+def _disagreement(diff: OutputDiff) -> str:
+    """Why a variant's output is rejected: its error against the tolerance it had to meet."""
+    found = diff.note or f"{diff.mismatches} of {diff.size} elements differ, max abs err {diff.max_abs_err:.3g}"
+    return f"output disagrees with the original node: {found} (atol {diff.atol:g}, rtol {diff.rtol:g})"
 
 
 def _first_line(exc: BaseException) -> str:
