@@ -2,7 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 settings.register_profile(
     "convlower",
@@ -11,6 +11,12 @@ settings.register_profile(
     print_blob=True,
 )
 settings.register_profile("thorough", parent=settings.get_profile("convlower"), max_examples=1000)
+settings.register_profile(
+    "sabotage",
+    parent=settings.get_profile("convlower"),
+    phases=[Phase.explicit, Phase.generate],  # a failure is the point: no shrinking, no replay
+    database=None,  # keep the sabotaged run's failures out of the example database
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "convlower"))
 
 SABOTAGE = Path(__file__).parent / "sabotage"
@@ -35,6 +41,8 @@ def pytest_configure(config: pytest.Config) -> None:
     from tests.sabotage.wrong_variants import make_variants_wrong
 
     wrong = make_variants_wrong()
+    if "HYPOTHESIS_PROFILE" not in os.environ:
+        settings.load_profile("sabotage")
     config.stash[WRONG] = wrong
     os.environ["PYTHONPATH"] = os.pathsep.join([str(SABOTAGE), *filter(None, [os.environ.get("PYTHONPATH")])])
 

@@ -263,13 +263,12 @@ class TwoFilters(torch.nn.Module):
 
     @classmethod
     def oracle(cls, x: np.ndarray, filters: np.ndarray) -> np.ndarray:
-        near, far = (filter_oracle(x, filters, window) for window in cls.windows)
-        return near - far
+        return np.stack([filter_oracle(x, filters, window) for window in cls.windows])
 
     def forward(self, x, filters):
         near = ops.dynamic_filter(x, filters, 3)
         far = ops.dynamic_filter(x, filters, 3, dilation=2, padding=2)
-        return near - far
+        return torch.stack([near, far])  # side by side: an error common to both calls cannot cancel
 
 
 class Filter1d(torch.nn.Module):
