@@ -186,15 +186,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConvlowerError as exc:
         if verbose:
             traceback.print_exc()
-        print(f"convlower: error: {exc}", file=sys.stderr)
+        console.notice(f"error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("convlower: interrupted", file=sys.stderr)
+        console.notice("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if verbose:
             traceback.print_exc()
-        print(f"convlower: internal error: {type(exc).__name__}: {exc} (rerun with --verbose and report it)", file=sys.stderr)
+        console.notice(f"internal error: {type(exc).__name__}: {exc} (rerun with --verbose and report it)")
         return EXIT_INTERNAL
 
 
