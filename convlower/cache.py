@@ -2,7 +2,7 @@
 
 An entry is one (spec, input shapes, variant) measured on one provider, device, onnxruntime
 version and thread count; any of those changing makes a different key. A file that is not a
-convlower cache (corrupt, foreign, another format version) is ignored with a warning and never
+convlower cache (corrupt, foreign, another format version) is ignored with a warning on stderr and never
 written over.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
+from .console import ConvlowerWarning, warn
 from .modelio import write_text_atomic
 
 FORMAT = "convlower-tuning-cache"
@@ -26,7 +26,7 @@ def default_cache_path() -> Path:
     return Path(root) / "convlower" / "tuning.json"
 
 
-class CacheWarning(UserWarning):
+class CacheWarning(ConvlowerWarning):
     """The cache file could not be used."""
 
 
@@ -56,7 +56,7 @@ class TuningCache:
 
     def _refuse(self, why: str) -> None:
         self.writable = False
-        warnings.warn(
+        warn(
             f"tuning cache {self.path} {why}; tuning without it (delete it, or pass --cache PATH or --no-cache)",
             CacheWarning,
             stacklevel=3,

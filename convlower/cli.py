@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
-import warnings
 from typing import Sequence
 
+from . import __version__, console
 from .errors import ConvlowerError, UsageError
 from .runner import PROVIDER_CHOICES
 from .shapes import parse_input_shape
@@ -42,6 +42,7 @@ def _add_provider(p: argparse.ArgumentParser, default: str = "auto") -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="convlower", description="Lower Conv-like ONNX nodes into faster, verified subgraphs.")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"convlower {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("optimize", help="tune every Conv-like node and write the fastest verified model")
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="export, optimize and check a bundled dynamic-filter model")
     p.add_argument("--model", default="involution", help="kpn_denoiser, involution, carafe or seed_filter (default involution)")
+    p.add_argument("--report", metavar="REPORT.json", help="write the optimize report, with the error against torch, as JSON")
     _add_provider(p)
     return parser
 
@@ -115,7 +117,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     save_model(result.model, out, protect=args.model, force=args.force)
     write_text_atomic(report_path, result.report.to_json())
     for notice in result.report.notices:
-        print(f"convlower: {notice}", file=sys.stderr)
+        console.notice(notice)
     Console(width=160).print(result.report.table())
     print(result.report.summary())
     print(f"wrote {out} and {report_path}")
@@ -166,36 +168,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .modelio import check_output_path
 
-    return run_demo(args.model, args.provider)
+    report = check_output_path(args.report) if args.report else None
+    return run_demo(args.model, args.provider, report=report)
 
 
 COMMANDS = {"optimize": _cmd_optimize, "verify": _cmd_verify, "lower": _cmd_lower, "inspect": _cmd_inspect, "bench": _cmd_bench, "demo": _cmd_demo}
 
 
-def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-    print(f"convlower: warning: {message}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
-    warnings.showwarning = _one_line_warnings
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except ConvlowerError as exc:
         if verbose:
             traceback.print_exc()
-        print(f"convlower: error: {exc}", file=sys.stderr)
+        console.notice(f"error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("convlower: interrupted", file=sys.stderr)
+        console.notice("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if verbose:
             traceback.print_exc()
-        print(f"convlower: internal error: {type(exc).__name__}: {exc} (rerun with --verbose and report it)", file=sys.stderr)
+        console.notice(f"internal error: {type(exc).__name__}: {exc} (rerun with --verbose and report it)")
         return EXIT_INTERNAL
 
 

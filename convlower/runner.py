@@ -16,7 +16,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import console
 from .errors import UsageError
 from .modelio import runtime_compatible
 
@@ -87,7 +87,7 @@ class Runner:
         self.notice: str | None = None
         self.provider = self._resolve(provider)
         if self.notice and not quiet:
-            print(f"convlower: {self.notice}", file=sys.stderr)
+            console.notice(self.notice)
 
     def _resolve(self, requested: str) -> str:
         if requested == "cpu":

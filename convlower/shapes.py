@@ -6,19 +6,19 @@ Tuning and verification need concrete shapes. The user gives them with
 - `DEFAULT_BATCH` (1) for the first axis of an input (the batch axis, by convention);
 - `DEFAULT_DIM` (64) for any other axis;
 
-and convlower warns, naming the input, the axis and the dim. Dims with the same symbolic name
-take the same value across inputs.
+and convlower warns on stderr (`convlower.console.warn`), naming the input, the axis and the dim.
+Dims with the same symbolic name take the same value across inputs.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from . import console
 from .errors import UsageError
 
 DEFAULT_BATCH = 1
@@ -27,7 +27,7 @@ DEFAULT_DIM = 64
 Dims = tuple[int | str | None, ...]
 
 
-class DefaultShapeWarning(UserWarning):
+class DefaultShapeWarning(console.ConvlowerWarning):
     """A symbolic dim was bound to a default because no profiling shape named it."""
 
 
@@ -131,11 +131,10 @@ def resolve_shapes(
                 if isinstance(d, str):
                     symbols[d] = value
                 if warn:
-                    warnings.warn(
+                    console.warn(
                         f"input {info.name!r} axis {axis} ({d or 'unnamed'}) is symbolic; profiling with {value}. "
                         f"Set it with --input-shape {info.name}:DIMS",
                         DefaultShapeWarning,
-                        stacklevel=2,
                     )
                 dims.append(value)
         resolved[info.name] = tuple(dims)

@@ -150,11 +150,11 @@ def test_bad_model_is_one_line_and_exit_2(case: str, model_path: Path, tmp_path:
 
 def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
     bad = _write(tmp_path / "bad.onnx", b"\x08\x07\x12")
-    proc = subprocess.run([sys.executable, "-m", "convlower.cli", "inspect", str(bad)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "convlower", "inspect", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     verbose = subprocess.run(
-        [sys.executable, "-m", "convlower.cli", "--verbose", "inspect", str(bad)], capture_output=True, text=True
+        [sys.executable, "-m", "convlower", "--verbose", "inspect", str(bad)], capture_output=True, text=True
     )
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr
 
@@ -237,7 +237,7 @@ def test_parse_input_shape() -> None:
             parse_input_shape(bad)
 
 
-def test_symbolic_dims_bind_by_name_and_default_with_a_warning() -> None:
+def test_symbolic_dims_bind_by_name_and_default_with_a_warning(capsys: pytest.CaptureFixture[str]) -> None:
     graph = helper.make_graph(
         [helper.make_node("Add", ["a", "b"], ["y"])], "g",
         [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", "L"]),
@@ -246,9 +246,23 @@ def test_symbolic_dims_bind_by_name_and_default_with_a_warning() -> None:
     )
     infos = graph_inputs(helper.make_model(graph))
     assert resolve_shapes(infos, {"a": (2, 7)}) == {"a": (2, 7), "b": (2, 7)}
-    with pytest.warns(DefaultShapeWarning, match=r"input 'a' axis 1 \(L\)"):
-        shapes = resolve_shapes(infos)
-    assert shapes == {"a": (1, 64), "b": (1, 64)}
+    assert capsys.readouterr().err == ""
+    assert resolve_shapes(infos) == {"a": (1, 64), "b": (1, 64)}
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "convlower: warning: input 'a' axis 0 (N) is symbolic; profiling with 1. Set it with --input-shape a:DIMS"
+    assert len(err) == 2 and err[1].startswith("convlower: warning: input 'a' axis 1 (L) is symbolic; profiling with 64.")
+
+
+def test_the_default_shape_warning_is_also_catchable() -> None:
+    """Library users can catch it (or make it an error) by its category; `pytest.warns` sets the
+    filter to "always" itself, so this holds under any warnings filter."""
+    infos = graph_inputs(helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["a"], ["y"])], "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )))
+    with pytest.warns(DefaultShapeWarning, match=r"input 'a' axis 0 \(N\)"):
+        resolve_shapes(infos)
 
 
 def test_symbolic_model_runs_with_input_shape_and_with_default(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
