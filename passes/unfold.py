@@ -41,7 +41,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import register, register_recognizer
-from .base import Builder, Dim, OpFamily, SimpleVariant, attr_text, constant_value, static_shape
+from .base import Builder, OpFamily, SimpleVariant, attr_text, constant_value, static_shape
 from .dynamic_filter import (
     OP_TYPE as DYNAMIC_FILTER,
     SlidingWindow,
@@ -54,6 +54,7 @@ from .dynamic_filter import (
     shape_vector,
     stacked_windows,
     unknown_dims,
+    output_extents,
     window_spec_fields,
 )
 from .local_functions import DOMAIN, CanonicalOp, add_function, register_canonical_op
@@ -389,25 +390,6 @@ def recognize_dynamic_filters(graph: gs.Graph, opset: int) -> None:
     graph.cleanup()
 
 
-def output_extent(b: Builder, x: gs.Tensor, window: SlidingWindow, static: Sequence[Dim]) -> list[int | gs.Tensor]:
-    """The output's spatial extent per axis: the static size where known, else a 1-element tensor
-    computed from `x`'s run-time shape with the Conv formula."""
-    extent: list[int | gs.Tensor] = []
-    for axis, size in enumerate(static):
-        if size is not None:
-            extent.append(int(size))
-            continue
-        dim: gs.Tensor = b.shape(x, 2 + axis, 3 + axis)
-        grow = window.pads[axis] + window.pads[axis + window.rank] - window.reach(axis) + 1
-        if grow or window.strides[axis] != 1:
-            dim = b.add(dim, b.ints([grow - 1]))
-            if window.strides[axis] != 1:
-                dim = b.op("Div", [dim, b.ints([window.strides[axis]])])
-            dim = b.add(dim, b.ints([1]))
-        extent.append(dim)
-    return extent
-
-
 def _shape_parts(
     b: Builder, per_trial: Sequence[Sequence[int]], batches: Sequence[int], spatials: Sequence[Sequence[int]],
     batch: gs.Tensor, extent: Sequence[int | gs.Tensor],
@@ -472,7 +454,7 @@ def _replace_with_dynamic_filter(graph: gs.Graph, opset: int, per_trial: Sequenc
     dtype = output.dtype or use.consumer.outputs[0].dtype or np.float32
     b = Builder(graph, opset, use.consumer.name or DYNAMIC_FILTER, dtype=dtype)
     batch = b.shape(source, 0, 1)
-    extent = output_extent(b, source, match.window, out_spatial)
+    extent = output_extents(b, match.window, source, out_spatial)
     copies = math.prod(use.extra_shape)
     channels = copies * match.channels
     if copies > 1:
@@ -534,7 +516,7 @@ def recognize_unfolds(graph: gs.Graph, opset: int) -> None:
         unfolded = b.op(OP_TYPE, [source], attrs, domain=DOMAIN)
         length = None if None in out_spatial else math.prod(out_spatial)  # type: ignore[arg-type]
         unfolded.shape, unfolded.dtype = [source.shape[0], match.channels * match.window.taps, length], columns.dtype
-        extent = output_extent(b, source, match.window, out_spatial)
+        extent = output_extents(b, match.window, source, out_spatial)
         b.reshape(unfolded, shape_vector(b, [0, match.channels, *match.window.kernel_shape, *extent]), out=columns)
         add_function(graph, OP_TYPE, attrs, opset)
     graph.cleanup()
@@ -542,7 +524,6 @@ def recognize_unfolds(graph: gs.Graph, opset: int) -> None:
 
 # --- the Unfold family -------------------------------------------------------------------------------
 
-from .dynamic_filter import output_extents  # noqa: E402 - the family's own needs, kept with it
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Small builders shared by the tests: single-node models and running them on onnxruntime."""
+"""Small builders shared by the tests: single-node models, running them on onnxruntime, and the
+hypothesis strategy for sliding windows."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from hypothesis import strategies as st
+
 from convlower.modelio import runtime_compatible
+from convlower.passes.dynamic_filter import SlidingWindow
 
 
 def single_node_model(
@@ -52,3 +56,18 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
 
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
+
+
+@st.composite
+def windows(draw: st.DrawFn, rank: int, slack: int = 3) -> tuple[SlidingWindow, tuple[int, ...]]:
+    """A window of this rank (kernels 1..3, strides and dilations 1..2, asymmetric pads 0..2) and
+    spatial extents it fits, up to `slack` more than the least; small, so rank 3 stays cheap."""
+    small = st.integers(1, 2)
+    window = SlidingWindow(
+        tuple(draw(st.integers(1, 3)) for _ in range(rank)),
+        tuple(draw(small) for _ in range(rank)),
+        tuple(draw(small) for _ in range(rank)),
+        tuple(draw(st.integers(0, 2)) for _ in range(2 * rank)),
+    )
+    minimum = [max(1, window.reach(i) - window.pads[i] - window.pads[i + rank]) for i in range(rank)]
+    return window, tuple(draw(st.integers(m, m + slack)) for m in minimum)

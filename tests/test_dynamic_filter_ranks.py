@@ -25,7 +25,7 @@ from convlower.modelio import runtime_compatible
 from convlower.passes import FAMILIES
 from convlower.passes.dynamic_filter import SlidingWindow
 from convlower.passes.local_functions import DOMAIN, attach_functions
-from tests.helpers import run, single_node_model
+from tests.helpers import run, single_node_model, windows
 from tests.oracles import filter_oracle, padded, unfold_oracle
 
 torch = pytest.importorskip("torch")
@@ -45,21 +45,6 @@ TOLERANCES = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
 
 
 # --- cases ---------------------------------------------------------------------------------------------
-
-
-@st.composite
-def windows(draw: st.DrawFn, rank: int) -> tuple[SlidingWindow, tuple[int, ...]]:
-    """A window of this rank (kernels 1..3, strides and dilations 1..2, asymmetric pads 0..2) and
-    spatial extents it fits; small, so rank 3 stays cheap."""
-    small = st.integers(1, 2)
-    window = SlidingWindow(
-        tuple(draw(st.integers(1, 3)) for _ in range(rank)),
-        tuple(draw(small) for _ in range(rank)),
-        tuple(draw(small) for _ in range(rank)),
-        tuple(draw(st.integers(0, 2)) for _ in range(2 * rank)),
-    )
-    minimum = [max(1, window.reach(i) - window.pads[i] - window.pads[i + rank]) for i in range(rank)]
-    return window, tuple(draw(st.integers(m, m + 3)) for m in minimum)
 
 
 @st.composite

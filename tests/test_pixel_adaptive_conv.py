@@ -26,7 +26,7 @@ from convlower.passes.dynamic_filter import SlidingWindow
 from convlower.passes.local_functions import DOMAIN, attach_functions
 from convlower.passes.pixel_adaptive_conv import make_spec
 from convlower.rewrite import import_graph
-from tests.helpers import op_types, run, single_node_model
+from tests.helpers import op_types, run, single_node_model, windows
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -96,14 +96,7 @@ def pac_cases(draw: st.DrawFn) -> dict:
     divisor}, with and without bias; the kernel always fits the padded input."""
     rank = draw(st.sampled_from([1, 2]))
     small = st.integers(1, 2)
-    window = SlidingWindow(
-        tuple(draw(st.integers(1, 3)) for _ in range(rank)),
-        tuple(draw(small) for _ in range(rank)),
-        tuple(draw(small) for _ in range(rank)),
-        tuple(draw(st.integers(0, 2)) for _ in range(2 * rank)),
-    )
-    minimum = [max(1, window.reach(i) - window.pads[i] - window.pads[i + rank]) for i in range(rank)]
-    spatial = tuple(draw(st.integers(m, m + 4)) for m in minimum)
+    window, spatial = draw(windows(rank, slack=4))
     groups = draw(st.sampled_from([1, 2, 3]))
     channels = groups * draw(st.integers(1, 2))
     return dict(window=window, x_shape=(draw(small), channels, *spatial), groups=groups,
