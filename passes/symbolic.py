@@ -8,7 +8,9 @@ Slice ends, Reshape targets — from `Shape` at run time:
 Nothing in the graph says that such an index is `k * dilation + p * stride` for every input size.
 Rather than reason about the arithmetic, convlower binds the model's symbolic input dims to trial
 sizes (distinct sizes for distinct dims, several trials), lets ONNX shape inference with data
-propagation fold the shapes, and runs a recognizer's static matcher on each bound copy. A match
+propagation fold the shapes (then `folded_value` folds, with onnx.reference, the shape arithmetic
+inference does not follow, such as Div), and runs a recognizer's static matcher on each bound
+copy. Matchers use `folded_value` at static shapes too, for indices and pads. A match
 counts only where the same match (the same tensors, the same window) is found at every trial; the
 rewrite is then emitted into the real graph, shape-generic, with the dims that vary between trials
 read at run time.
