@@ -118,7 +118,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     write_text_atomic(report_path, result.report.to_json())
     for notice in result.report.notices:
         console.notice(notice)
-    Console(width=160).print(result.report.table())
+    if result.report.nodes:
+        Console(width=160).print(result.report.table())
     print(result.report.summary())
     print(f"wrote {out} and {report_path}")
     return 0

@@ -31,14 +31,14 @@ from convlower.passes.base import constant_value, onnx_dtype, onnx_nodes
 
 from .cache import TuningCache, default_cache_path
 from .errors import UsageError
-from .inputs import Feeds, feeds_shapes, load_npz
+from .inputs import Feeds, feeds_shapes
 from .modelio import ModelLike, default_opset, load_model
 from .report import NodeReport, Report
-from .rewrite import PlannedNode, all_graphs, apply_choices, finish, import_graph, plan_nodes
-from .runner import Runner, TimingPolicy, time_interleaved
-from .shapes import graph_inputs, resolve_shapes, with_static_inputs
+from .rewrite import PlannedNode, all_graphs, apply_choices, finish, import_graph, plan_nodes, unlowered_conv_ops
+from .runner import RunError, Runner, TimingPolicy, time_interleaved
+from .shapes import InputInfo, graph_inputs, resolve_shapes, with_static_inputs
 from .tune import ORIGINAL, NodeTuning, VariantOutcome, choose, tune_node, tuning_key
-from .verify import VerifyResult, input_sets, verify
+from .verify import VerifyResult, given_arrays, input_sets, verify
 
 MODEL_MIN_GAIN = 0.01
 """The optimized whole model must be at least this much faster than the original to be kept."""
@@ -117,9 +117,11 @@ def optimize(
     report = Report(runner.provider, runner.device, threads)
     if runner.notice:
         report.notices.append(runner.notice)
-    feeds = _given_feeds(proto, inputs)
-    shapes = feeds_shapes(feeds) if feeds is not None else resolve_shapes(graph_inputs(proto), input_shapes)
-    runner.session(proto)  # fail early, with onnxruntime's reason, on a model it cannot load
+    infos = graph_inputs(proto)
+    feeds = given_arrays(infos, inputs)
+    named = {**(input_shapes or {}), **feeds_shapes(feeds)}
+    shapes = resolve_shapes(infos, named)
+    _check_profiling_run(runner, proto, infos, input_sets(proto, input_shapes=shapes, inputs=feeds, runs=1)[0], named)
 
     graph = import_graph(proto)
     planned = plan_nodes(graph, default_opset(proto))
@@ -129,6 +131,7 @@ def optimize(
     static_shapes = _static_shapes(recognized_proto, shapes)
     static_shapes.update(_observed_shapes(recognized_proto, _unknown_inputs(planned, graph, static_shapes), shapes, feeds, runner))
     groups = _group(planned, static_shapes, report)
+    report.unlowered_ops = unlowered_conv_ops(proto)
     cache_store = TuningCache(default_cache_path() if cache is USE_DEFAULT_CACHE else cache)  # type: ignore[arg-type]
     environment = [runner.provider, runner.device, report.onnxruntime, threads]
 
@@ -183,10 +186,27 @@ def _group(
     return groups
 
 
-def _given_feeds(model: onnx.ModelProto, inputs: str | Feeds | None) -> Feeds | None:
-    if inputs is None:
-        return None
-    return dict(inputs) if isinstance(inputs, dict) else load_npz(inputs, graph_inputs(model))
+def _check_profiling_run(runner: Runner, model: onnx.ModelProto, infos: list[InputInfo], feeds: Feeds,
+                         named: dict[str, tuple[int, ...]]) -> None:
+    """Run the model once on its profiling inputs before any tuning, so that a model these inputs
+    do not suit (a reflect Pad longer than a default length, a sample rate random data is not)
+    fails at once as the user's input problem, naming the node, onnxruntime's reason and the
+    option that mends it: `--input-shape` for the inputs whose shape was a default, else `--inputs`."""
+    session = runner.session(model)  # a model onnxruntime cannot load fails here, with its reason
+    try:
+        session.run(feeds)
+    except RunError as exc:
+        defaulted = [i for i in infos if i.name not in named and (i.dims is None or not all(isinstance(d, int) for d in i.dims))]
+        random = [i.name for i in infos if i.name not in named]
+        shown = ", ".join(f"{i.name} {'x'.join(map(str, feeds[i.name].shape)) or 'scalar'}" for i in defaulted)
+        if defaulted:
+            fix = (f"the profiling shapes were defaults ({shown}): give real ones with "
+                   + " ".join(f"--input-shape {i.name}:DIMS" for i in defaulted) + ", or real data with --inputs DATA.npz")
+        else:
+            fix = (f"the inputs were random ({', '.join(random)}): give values the model accepts with --inputs DATA.npz"
+                   " (numpy.savez; it may hold only the inputs that need real values)")
+        where = f" at node {exc.node!r} ({exc.op})" if exc.node else ""
+        raise UsageError(f"the model fails on its profiling inputs{where}: {exc.reason}", fix) from exc
 
 
 def _static_shapes(recognized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...] | None]:
@@ -216,7 +236,7 @@ def _unknown_inputs(planned: list[PlannedNode], graph: gs.Graph, static: dict[st
 
 
 def _observed_shapes(
-    model: onnx.ModelProto, tensors: list[gs.Tensor], shapes: dict[str, tuple[int, ...]], feeds: Feeds | None, runner: Runner
+    model: onnx.ModelProto, tensors: list[gs.Tensor], shapes: dict[str, tuple[int, ...]], feeds: Feeds, runner: Runner
 ) -> dict[str, tuple[int, ...]]:
     """Shapes of `tensors` seen by running the model once with them as extra outputs.
 
@@ -232,7 +252,7 @@ def _observed_shapes(
         if tensor.name not in outputs and tensor.dtype is not None:
             probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor.name, onnx_dtype(tensor), None))
     session = runner.session(probe)
-    values = session.run(feeds if feeds is not None else input_sets(model, input_shapes=shapes, runs=1)[0])
+    values = session.run(input_sets(model, input_shapes=shapes, inputs=feeds, runs=1)[0])
     return {name: tuple(value.shape) for name, value in zip(session.output_names, values)}
 
 
@@ -304,7 +324,7 @@ def _guard(
     report: Report,
     runner: Runner,
     shapes: dict[str, tuple[int, ...]],
-    feeds: Feeds | None,
+    feeds: Feeds,
     atol: float | None,
     rtol: float | None,
 ) -> onnx.ModelProto:
@@ -322,7 +342,7 @@ def _guard(
         report.verification = {"unchanged": True}
         return original
     choices = dict(choices)
-    timing_feeds = feeds if feeds is not None else input_sets(original, input_shapes=shapes, runs=1, seed=1234)[0]
+    timing_feeds = input_sets(original, input_shapes=shapes, inputs=feeds, runs=1, seed=1234)[0]
     gains = {n.name: (n.original_ms or 0) - (n.chosen_ms or 0) for n in report.nodes if n.name in choices}
     while choices:
         check = verify(original, optimized, input_shapes=shapes, inputs=feeds, runs=2, atol=atol, rtol=rtol, runner=runner)

@@ -62,6 +62,8 @@ class Report:
     reverted: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     tuning: dict[str, Any] = field(default_factory=dict)
+    unlowered_ops: dict[str, int] = field(default_factory=dict)
+    """Convolution ops in the model that no pass family lowers (ConvInteger, QLinearConv, ...), by count."""
     onnxruntime: str = ort.__version__
 
     @property
@@ -81,6 +83,7 @@ class Report:
             "verification": self.verification,
             "guard": {"reverted": self.reverted},
             "tuning": self.tuning,
+            "unlowered_ops": self.unlowered_ops,
             "notices": self.notices,
         }
 
@@ -109,8 +112,16 @@ class Report:
     def summary(self) -> str:
         """One line: how many nodes the written model lowers, what the guard found, and whether the
         model written is the input unchanged (then no end-to-end speedup is claimed)."""
+        where = f"on {self.provider} ({self.device})"
+        found = ", ".join(f"{count} {op}" for op, count in self.unlowered_ops.items())
+        if all(n.original_ms is None for n in self.nodes):
+            why = f"{len(self.nodes)} node(s) cannot be lowered (the table says why)" if self.nodes else "no Conv, ConvTranspose or known idiom"
+            return (f"nothing to lower: {why}" + (f"; found {found}, which convlower does not lower" if found else "")
+                    + f"; wrote the input unchanged; {where}")
         lowered = sum(1 for n in self.nodes if n.chosen != "original")
         counted = f"{lowered} of {len(self.nodes)} node(s) lowered" + (f" ({len(self.reverted)} reverted)" if self.reverted else "")
+        if found:
+            counted += f" ({found} not lowered: convlower has no variants for them)"
         check = self.verification
         if check.get("passed") is False:
             outcome = f"outputs disagreed ({check.get('reason')}); wrote the input unchanged"
@@ -123,7 +134,7 @@ class Report:
             outcome = "no variant beat the original; wrote the input unchanged"
         else:
             outcome = f"{self._speed()}; NOT verified" + (" (guard off)" if check.get("skipped") else "")
-        return f"{counted}; {outcome}; on {self.provider} ({self.device})"
+        return f"{counted}; {outcome}; {where}"
 
     def _speed(self) -> str:
         if not self.speedup:

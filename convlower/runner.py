@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -142,7 +143,7 @@ class Runner:
         pays the same small wake-up cost instead, so comparisons stay fair.
         """
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures reach the user as exceptions, in one line
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.threads:
             options.intra_op_num_threads = self.threads
@@ -157,22 +158,51 @@ class Runner:
             raise UsageError(
                 f"onnxruntime cannot load {what}: {reason}", "check that the model is valid for this onnxruntime"
             ) from exc
-        return Session(session, self.provider)
+        return Session(session, self.provider, what)
+
+
+class RunError(UsageError):
+    """onnxruntime failed while running a model it had loaded: on these inputs the model cannot run.
+
+    `node` and `op` name where (onnxruntime says so in its message), `reason` its own words.
+    """
+
+    def __init__(self, what: str, node: str | None, op: str | None, reason: str):
+        where = f" at node {node!r} ({op})" if node else ""
+        super().__init__(f"onnxruntime fails running {what}{where}: {reason}",
+                         "give inputs the model accepts: --input-shape NAME:DIMS or --inputs DATA.npz")
+        self.node, self.op, self.reason = node, op, reason
+
+
+_NODE_FAILURE = re.compile(r"running (?P<op>[\w.]+) node\. Name:'(?P<node>[^']*)' Status Message: (?P<reason>.*)", re.S)
+
+
+def run_error(exc: Exception, what: str) -> RunError:
+    """onnxruntime's run-time failure as a `RunError`: the failing node, when its message names one."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    found = _NODE_FAILURE.search(text)
+    if found:
+        return RunError(what, found["node"], found["op"], found["reason"].strip())
+    return RunError(what, None, None, text.split(" : ")[-1])
 
 
 class Session:
     """One onnxruntime session: run on feeds, or time repeated runs on them."""
 
-    def __init__(self, session: ort.InferenceSession, provider: str):
+    def __init__(self, session: ort.InferenceSession, provider: str, what: str = "the model"):
         self.ort = session
         self.provider = session.get_providers()[0]
         self.output_names = [o.name for o in session.get_outputs()]
         self.input_names = [i.name for i in session.get_inputs()]
         self._on_device = provider == CUDA and self.provider == CUDA
+        self.what = what
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Outputs as host arrays, in the session's output order."""
-        return self.ort.run(None, self._select(feeds))
+        """Outputs as host arrays, in the session's output order; a failure raises `RunError`."""
+        try:
+            return self.ort.run(None, self._select(feeds))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error classes
+            raise run_error(exc, self.what) from exc
 
     def _select(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {name: feeds[name] for name in self.input_names}

@@ -203,7 +203,7 @@ def test_guard_reverts_least_predicted_gain_first_then_all_once_the_budget_is_sp
 
 def test_guard_with_nothing_to_check_runs_nothing(block: onnx.ModelProto) -> None:
     runner = Runner("cpu")
-    report = guard_report(runner, {})
+    report = guard_report(runner, {"conv": (ORIGINAL, 1.0, 1.0)})
     assert _guard(block, block, {}, report, runner, BLOCK_SHAPES, None, None, None) is block
     assert report.verification == {"unchanged": True} and report.original_ms is None
     assert "no variant beat the original; wrote the input unchanged" in report.summary()
