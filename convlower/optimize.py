@@ -121,7 +121,7 @@ def optimize(
     feeds = given_arrays(infos, inputs)
     named = {**(input_shapes or {}), **feeds_shapes(feeds)}
     shapes = resolve_shapes(infos, named)
-    _check_profiling_run(runner, proto, infos, input_sets(proto, input_shapes=shapes, inputs=feeds, runs=1)[0], named)
+    _check_profiling_run(runner, proto, infos, input_sets(proto, input_shapes=shapes, inputs=feeds, runs=1)[0], named, set(feeds))
 
     graph = import_graph(proto)
     planned = plan_nodes(graph, default_opset(proto))
@@ -187,7 +187,7 @@ def _group(
 
 
 def _check_profiling_run(runner: Runner, model: onnx.ModelProto, infos: list[InputInfo], feeds: Feeds,
-                         named: dict[str, tuple[int, ...]]) -> None:
+                         named: dict[str, tuple[int, ...]], given: set[str]) -> None:
     """Run the model once on its profiling inputs before any tuning, so that a model these inputs
     do not suit (a reflect Pad longer than a default length, a sample rate random data is not)
     fails at once as the user's input problem, naming the node, onnxruntime's reason and the
@@ -197,14 +197,18 @@ def _check_profiling_run(runner: Runner, model: onnx.ModelProto, infos: list[Inp
         session.run(feeds)
     except RunError as exc:
         defaulted = [i for i in infos if i.name not in named and (i.dims is None or not all(isinstance(d, int) for d in i.dims))]
-        random = [i.name for i in infos if i.name not in named]
-        shown = ", ".join(f"{i.name} {'x'.join(map(str, feeds[i.name].shape)) or 'scalar'}" for i in defaulted)
+        random = [i.name for i in infos if i.name not in given]
+        fixes = []
         if defaulted:
-            fix = (f"the profiling shapes were defaults ({shown}): give real ones with "
-                   + " ".join(f"--input-shape {i.name}:DIMS" for i in defaulted) + ", or real data with --inputs DATA.npz")
+            shown = ", ".join(f"{i.name} {'x'.join(map(str, feeds[i.name].shape)) or 'scalar'}" for i in defaulted)
+            fixes.append(f"the profiling shapes were defaults ({shown}): give real ones with "
+                         + " ".join(f"--input-shape {i.name}:DIMS" for i in defaulted))
+        if random:
+            fixes.append(f"the inputs {', '.join(random)} were random: give values the model accepts with --inputs DATA.npz"
+                         " (numpy.savez; it may hold only the inputs that need real values)")
         else:
-            fix = (f"the inputs were random ({', '.join(random)}): give values the model accepts with --inputs DATA.npz"
-                   " (numpy.savez; it may hold only the inputs that need real values)")
+            fixes.append("check the arrays in --inputs")
+        fix = "; or ".join(fixes)
         where = f" at node {exc.node!r} ({exc.op})" if exc.node else ""
         raise UsageError(f"the model fails on its profiling inputs{where}: {exc.reason}", fix) from exc
 

@@ -177,13 +177,16 @@ class RunError(UsageError):
 _NODE_FAILURE = re.compile(r"running (?P<op>[\w.]+) node\. Name:'(?P<node>[^']*)' Status Message: (?P<reason>.*)", re.S)
 
 
+_SOURCE_LOCATION = re.compile(r"^\S+\.(?:h|cc|cpp|cu):\d+ .*?\) (?=\S)")
+
+
 def run_error(exc: Exception, what: str) -> RunError:
-    """onnxruntime's run-time failure as a `RunError`: the failing node, when its message names one."""
+    """onnxruntime's run-time failure as a `RunError`: the failing node, when its message names
+    one, and onnxruntime's reason without the source file and function it was raised in."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     found = _NODE_FAILURE.search(text)
-    if found:
-        return RunError(what, found["node"], found["op"], found["reason"].strip())
-    return RunError(what, None, None, text.split(" : ")[-1])
+    node, op, reason = (found["node"], found["op"], found["reason"]) if found else (None, None, text.split(" : ")[-1])
+    return RunError(what, node, op, _SOURCE_LOCATION.sub("", reason.strip()))
 
 
 class Session:
