@@ -211,7 +211,10 @@ class Session:
         return {name: feeds[name] for name in self.input_names}
 
     def runner_for(self, feeds: dict[str, np.ndarray]):
-        """A zero-argument callable that runs once on these feeds, device-resident on CUDA."""
+        """A zero-argument callable that runs once on these feeds, device-resident on CUDA.
+
+        One checked run comes first, so inputs the model cannot run on raise `RunError` here."""
+        self.run(feeds)
         selected = self._select(feeds)
         if not self._on_device:
             return lambda: self.ort.run(None, selected)

@@ -124,6 +124,10 @@ def test_a_reflect_pad_longer_than_the_default_input_names_the_node_and_the_opti
     assert "'stft/padding/Pad' (Pad)" in line and "reflect" in line, line
     assert "--input-shape audio:DIMS" in line and "--inputs DATA.npz" in line, line
     assert not out.exists()
+    for command in (["bench", str(source)], ["verify", str(source), str(source)]):
+        assert main(command) == 2, command
+        line = error_line(capsys.readouterr().err)
+        assert "'stft/padding/Pad' (Pad)" in line and "--input-shape" in line, line
 
     code, err, out = optimize(source, "--input-shape", "audio:1x1x512", capsys=capsys)
     assert code == 0, err
