@@ -11,7 +11,7 @@ Before CUDA is tried, `onnxruntime.preload_dlls()` loads the CUDA and cuDNN libr
 installed (the `nvidia-*` packages of `convlower[cuda]`, or those a CUDA build of torch brought),
 so a machine with only the NVIDIA driver needs no LD_LIBRARY_PATH. When CUDA still cannot load,
 the error or notice carries onnxruntime's own reason and the install line that mends it
-(`cuda_failure`).
+(`cuda_failure`, `INSTALL_CUDA`).
 
 Whatever was asked for, `Runner.provider` is what a session really got (`get_providers()`).
 """
@@ -110,7 +110,7 @@ class Runner:
             return CUDA
         if requested == "cuda":
             raise UsageError(f"--provider cuda: {failure.what}", failure.fix)
-        self.notice = f"{failure.what}; running on CPUExecutionProvider ({failure.fix})"
+        self.notice = f"{failure.what}; running on CPUExecutionProvider; {failure.fix}"
         return CPU
 
     @property
@@ -228,8 +228,12 @@ def time_calls(calls: Sequence[Callable[[], object]], policy: TimingPolicy = Tim
     return [Timing.of(b) for b in samples]
 
 
-INSTALL_CUDA = "pip install 'convlower[cuda]'"
-"""The one line that brings CUDA 13 and cuDNN 9 for onnxruntime-gpu (its own `cuda` and `cudnn` extras)."""
+INSTALL_CUDA = "pip install 'onnxruntime-gpu[cuda,cudnn]>=1.31'"
+"""The one line that brings CUDA 13 and cuDNN 9 for onnxruntime-gpu (its own `cuda` and `cudnn` extras).
+
+It is what convlower's `cuda` extra installs, written so that it works however convlower itself was
+installed (convlower is installed from its checkout, `pip install -e '.[cuda]'`, not from PyPI).
+"""
 
 
 @dataclass(frozen=True)
@@ -262,7 +266,7 @@ def cuda_failure() -> CudaFailure | None:
         reason += f" ({preload_trouble})"
     return CudaFailure(
         f"CUDAExecutionProvider could not load: {reason}",
-        f"on a machine with an NVIDIA GPU and its driver, {INSTALL_CUDA} brings the CUDA 13 and cuDNN 9 it needs",
+        f"for an NVIDIA GPU with its driver, install CUDA 13 and cuDNN 9 with {INSTALL_CUDA} (convlower's cuda extra)",
     )
 
 
