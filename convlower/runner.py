@@ -7,17 +7,29 @@ Providers:
   load, that is an error, never a silent fallback.
 - `auto`: CUDA where it loads, else CPU with a notice saying why.
 
+Before CUDA is tried, `onnxruntime.preload_dlls()` loads the CUDA and cuDNN libraries that pip
+installed (the `nvidia-*` packages of `convlower[cuda]`, or those a CUDA build of torch brought),
+so a machine with only the NVIDIA driver needs no LD_LIBRARY_PATH. When CUDA still cannot load,
+the error or notice carries onnxruntime's own reason and the install line that mends it
+(`cuda_failure`, `INSTALL_CUDA`).
+
 Whatever was asked for, `Runner.provider` is what a session really got (`get_providers()`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import os
 import platform
 import re
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -93,41 +105,13 @@ class Runner:
     def _resolve(self, requested: str) -> str:
         if requested == "cpu":
             return CPU
-        available = ort.get_available_providers()
-        if CUDA in available:
-            got = self._probe_cuda()
-            if got == CUDA:
-                return CUDA
-            why = "CUDAExecutionProvider is installed but could not load (no GPU, or CUDA/cuDNN libraries missing)"
-        else:
-            why = "this onnxruntime build has no CUDAExecutionProvider"
+        failure = cuda_failure()
+        if failure is None:
+            return CUDA
         if requested == "cuda":
-            raise UsageError(f"--provider cuda: {why}", "install CUDA and cuDNN for onnxruntime-gpu, or use --provider cpu")
-        self.notice = f"{why}; running on CPUExecutionProvider"
+            raise UsageError(f"--provider cuda: {failure.what}", failure.fix)
+        self.notice = f"{failure.what}; running on CPUExecutionProvider; {failure.fix}"
         return CPU
-
-    def _probe_cuda(self) -> str:
-        from onnx import TensorProto, helper
-
-        graph = helper.make_graph(
-            [helper.make_node("Identity", ["x"], ["y"])],
-            "probe",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-        )
-        probe = runtime_compatible(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
-        previous = _logger_severity(4)
-        try:
-            session = ort.InferenceSession(
-                probe.SerializeToString(), options, providers=[(CUDA, CUDA_OPTIONS), CPU]
-            )
-            return session.get_providers()[0]
-        except Exception:  # noqa: BLE001 - any failure to start CUDA means CPU
-            return CPU
-        finally:
-            _logger_severity(previous)
 
     @property
     def device(self) -> str:
@@ -279,8 +263,152 @@ def time_calls(calls: Sequence[Callable[[], object]], policy: TimingPolicy = Tim
     return [Timing.of(b) for b in samples]
 
 
+INSTALL_CUDA = "pip install 'onnxruntime-gpu[cuda,cudnn]>=1.31'"
+"""The one line that brings CUDA 13 and cuDNN 9 for onnxruntime-gpu (its own `cuda` and `cudnn` extras).
+
+It is what convlower's `cuda` extra installs, written so that it works however convlower itself was
+installed (convlower is installed from its checkout, `pip install -e '.[cuda]'`, not from PyPI).
+"""
+
+
+@dataclass(frozen=True)
+class CudaFailure:
+    """Why CUDAExecutionProvider cannot run here (`what`) and how to mend it (`fix`)."""
+
+    what: str
+    fix: str
+
+
+@functools.cache
+def cuda_failure() -> CudaFailure | None:
+    """None when a session really gets CUDAExecutionProvider, else why not and how to mend it.
+
+    Probed once per process: load the CUDA libraries (`preload_cuda_libraries`), then make a
+    one-node session asking for CUDA first. onnxruntime either raises, or falls back to CPU and
+    only logs why; both reasons are kept, with the libraries `preload_dlls` could not load.
+    """
+    if CUDA not in ort.get_available_providers():
+        return CudaFailure(
+            f"this onnxruntime ({ort.__version__}) is a build without CUDAExecutionProvider",
+            f"install onnxruntime-gpu in its place (x86_64 Linux or Windows): "
+            f"pip uninstall -y onnxruntime && {INSTALL_CUDA}",
+        )
+    preload_trouble = preload_cuda_libraries()
+    reason = _probe_cuda()
+    if reason is None:
+        return None
+    if preload_trouble:
+        reason += f" ({preload_trouble})"
+    return CudaFailure(
+        f"CUDAExecutionProvider could not load: {reason}",
+        f"for an NVIDIA GPU with its driver, install CUDA 13 and cuDNN 9 with {INSTALL_CUDA} (convlower's cuda extra)",
+    )
+
+
+def preload_cuda_libraries() -> str | None:
+    """Load the CUDA and cuDNN libraries with `onnxruntime.preload_dlls()`; None, or what went wrong.
+
+    `preload_dlls` (onnxruntime 1.21+) finds the libraries in the `nvidia-*` packages pip
+    installed, which a plain `dlopen` would not search. It prints what it could not load to
+    stdout, which would corrupt `--json` output, so its prints are caught here and only the
+    library names kept; its warnings are dropped, as the probe that follows says what failed.
+    Older onnxruntime has no `preload_dlls`; then the system's library path is all there is.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return None
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            preload()
+        except Exception as exc:  # noqa: BLE001 - a failed preload leaves the libraries to the system path
+            return f"preload_dlls failed: {exc}"
+    failed = [m.group(1) for m in map(_PRELOAD_FAILED.match, printed.getvalue().splitlines()) if m]
+    names = dict.fromkeys(os.path.basename(name) for name in failed)
+    return f"preload_dlls could not load {', '.join(names)}" if names else None
+
+
+_PRELOAD_FAILED = re.compile(r"Failed to load (\S+?): ")
+_ORT_LOG_LINE = re.compile(r"\[([EW]):onnxruntime:[^\]]*\] (.*)")
+_ORT_ERROR = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : (.*)")
+_LOAD_ERROR = re.compile(r"Failed to load library (\S+) with error: (.*)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _probe_cuda() -> str | None:
+    """None when a one-node session gets CUDAExecutionProvider, else onnxruntime's reason why not."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    probe = runtime_compatible(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    previous = _logger_severity(2)
+    log: list[str] = []
+    try:
+        with _stderr_into(log):
+            session = ort.InferenceSession(
+                probe.SerializeToString(), options, providers=[(CUDA, CUDA_OPTIONS), CPU]
+            )
+    except Exception as exc:  # noqa: BLE001 - any failure to start CUDA means CPU
+        return _ort_reason(str(exc)) or type(exc).__name__
+    finally:
+        _logger_severity(previous)
+    if session.get_providers()[0] == CUDA:
+        return None
+    return _logged_reason("".join(log)) or "onnxruntime fell back to CPUExecutionProvider without logging why"
+
+
+@contextlib.contextmanager
+def _stderr_into(log: list[str]):
+    """Send file descriptor 2 to a temporary file while the block runs, then append its text to `log`.
+
+    onnxruntime's C++ logger writes there directly, past `sys.stderr`; this is how its reason for
+    falling back to CPU is read (and kept off the user's terminal as a raw log line).
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            log.append(sink.read().decode(errors="replace"))
+
+
+def _logged_reason(log: str) -> str | None:
+    """onnxruntime's reason in its log: the error lines, else the warning lines, each made short."""
+    entries = [m.groups() for m in map(_ORT_LOG_LINE.search, _ANSI.sub("", log).splitlines()) if m]
+    for severity in ("E", "W"):
+        messages = [_ort_reason(text) for level, text in entries if level == severity]
+        if messages:
+            return "; ".join(dict.fromkeys(messages))
+    return None
+
+
+def _ort_reason(message: str) -> str:
+    """onnxruntime's message without its source location: `lib.so: dlerror` for a library that did not load."""
+    message = " ".join(message.split())
+    error = _ORT_ERROR.search(message)
+    if error:
+        message = error.group(1)
+    load = _LOAD_ERROR.search(message)
+    if load:
+        message = f"{os.path.basename(load.group(1))}: {load.group(2)}"
+    return message.strip()
+
+
 def _logger_severity(level: int) -> int:
-    """Set onnxruntime's default logger severity; returns the previous one (3 unless changed)."""
+    """Set onnxruntime's default logger severity; returns the previous one (2, onnxruntime's default, unless changed)."""
     previous = getattr(_logger_severity, "current", 2)
     ort.set_default_logger_severity(level)
     _logger_severity.current = level  # type: ignore[attr-defined]
