@@ -35,16 +35,17 @@ from .inputs import Feeds, feeds_shapes
 from .modelio import ModelLike, default_opset, load_model
 from .report import NodeReport, Report
 from .rewrite import PlannedNode, all_graphs, apply_choices, finish, import_graph, plan_nodes, unlowered_conv_ops
-from .runner import RunError, Runner, TimingPolicy, time_interleaved
+from .runner import PairedPolicy, RunError, Runner, TimingPolicy, time_paired
 from .shapes import InputInfo, graph_inputs, resolve_shapes, with_static_inputs
 from .tune import ORIGINAL, NodeTuning, VariantOutcome, choose, tune_node, tuning_key
 from .verify import VerifyResult, given_arrays, input_sets, verify
 
 MODEL_MIN_GAIN = 0.01
-"""The optimized whole model must be at least this much faster than the original to be kept."""
+"""The optimized whole model is kept only when it is this much faster with `MODEL_POLICY.confidence`:
+the whole interval of its time ratio to the original lies below 1 - MODEL_MIN_GAIN."""
 GUARD_ROUNDS = 3
 NODE_POLICY = TimingPolicy(warmup=2, min_runs=10, max_runs=200, budget_s=1.0)
-MODEL_POLICY = TimingPolicy(warmup=3, min_runs=20, max_runs=400, budget_s=3.0)
+MODEL_POLICY = PairedPolicy(min_rounds=8, max_rounds=400, budget_s=6.0, confidence=0.95)
 
 USE_DEFAULT_CACHE = object()
 
@@ -337,8 +338,11 @@ def _guard(
     `report.verification` records both what the check found and what was written: "passed" says
     whether the last optimized candidate's outputs agreed with the original's, "unchanged" whether
     the model returned is `original` itself. Outputs that disagree revert every choice at once
-    (passed false, with the errors and the outputs that failed); a candidate that is not faster
-    loses its choice of least predicted gain, and after `GUARD_ROUNDS` such rounds all the rest.
+    (passed false, with the errors and the outputs that failed). The timing is paired
+    (`time_paired`): a candidate is kept only when the confidence interval of its time ratio to
+    the original lies wholly below 1 - MODEL_MIN_GAIN, measuring more rounds while the answer is
+    unclear; every check's ratio and interval go to `report.guard_timings`. A candidate not shown
+    faster loses its choice of least predicted gain, and after `GUARD_ROUNDS` such rounds all the rest.
     Each round either returns or reverts at least one choice, so it ends. With no choice at all
     nothing runs: `{"unchanged": true}`.
     """
@@ -358,12 +362,15 @@ def _guard(
             _revert(report, list(choices), f"the optimized model's outputs disagree with the original's: {reason}")
             return original
         report.verification = {"passed": True, "unchanged": False, **errors}
-        before, after = time_interleaved([runner.session(original), runner.session(optimized)], timing_feeds, MODEL_POLICY)
-        report.original_ms, report.optimized_ms = before.median_ms, after.median_ms
-        if after.median_ms <= before.median_ms * (1 - MODEL_MIN_GAIN):
+        paired = time_paired(runner.session(original).runner_for(timing_feeds), runner.session(optimized).runner_for(timing_feeds),
+                             MODEL_POLICY, threshold=1 - MODEL_MIN_GAIN)
+        report.guard_timings.append(paired.to_dict())
+        report.original_ms, report.optimized_ms = paired.a.median_ms, paired.b.median_ms
+        if paired.high < 1 - MODEL_MIN_GAIN:
             return optimized
         least = min(choices, key=lambda name: gains.get(name, 0.0))
-        _revert(report, [least], f"the optimized model was not faster ({after.median_ms:.3f} vs {before.median_ms:.3f} ms)")
+        _revert(report, [least], f"the optimized model was not shown {MODEL_MIN_GAIN:.0%} faster "
+                                 f"(time ratio {paired.ratio:.3f}, {paired.confidence:.0%} interval {paired.low:.3f}-{paired.high:.3f})")
         del choices[least]
         if len(report.reverted) >= GUARD_ROUNDS and choices:
             _revert(report, list(choices), "the guard's revert budget is spent")

@@ -60,6 +60,8 @@ class Report:
     optimized_ms: float | None = None
     verification: dict[str, Any] = field(default_factory=dict)
     reverted: list[str] = field(default_factory=list)
+    guard_timings: list[dict[str, Any]] = field(default_factory=list)
+    """Each whole-model check of the guard: time ratio optimized/original, its interval, rounds."""
     notices: list[str] = field(default_factory=list)
     tuning: dict[str, Any] = field(default_factory=dict)
     unlowered_ops: dict[str, int] = field(default_factory=dict)
@@ -68,6 +70,9 @@ class Report:
 
     @property
     def speedup(self) -> float | None:
+        """The guard's last paired estimate (original over optimized), else the ratio of medians."""
+        if self.guard_timings:
+            return 1 / self.guard_timings[-1]["ratio"]
         if not self.original_ms or not self.optimized_ms:
             return None
         return self.original_ms / self.optimized_ms
@@ -81,7 +86,7 @@ class Report:
             "nodes": [n.to_dict() for n in self.nodes],
             "model": {"original_ms": self.original_ms, "optimized_ms": self.optimized_ms, "speedup": self.speedup},
             "verification": self.verification,
-            "guard": {"reverted": self.reverted},
+            "guard": {"reverted": self.reverted, "timings": self.guard_timings},
             "tuning": self.tuning,
             "unlowered_ops": self.unlowered_ops,
             "notices": self.notices,
@@ -139,7 +144,11 @@ class Report:
     def _speed(self) -> str:
         if not self.speedup:
             return "end-to-end timing skipped"
-        return f"{self.speedup:.2f}x end to end ({_ms(self.original_ms)} -> {_ms(self.optimized_ms)} ms)"
+        interval = ""
+        if self.guard_timings:
+            low, high = self.guard_timings[-1]["interval"]
+            interval = f", {self.guard_timings[-1]['confidence']:.0%} interval {1 / high:.2f}-{1 / low:.2f}x"
+        return f"{self.speedup:.2f}x end to end ({_ms(self.original_ms)} -> {_ms(self.optimized_ms)} ms{interval})"
 
     def __str__(self) -> str:
         console = Console(width=160, record=True, file=io.StringIO())

@@ -435,3 +435,88 @@ def gpu_name() -> str:
         return out.stdout.strip() or "CUDA device 0"
     except (OSError, subprocess.SubprocessError):
         return "CUDA device 0"
+
+
+@dataclass(frozen=True)
+class PairedPolicy:
+    """How `time_paired` measures: rounds of `block` timed runs of each model back to back, from
+    `min_rounds` until the confidence interval of the ratio leaves out the threshold, or
+    `budget_s` / `max_rounds` is spent."""
+
+    warmup: int = 3
+    block: int = 3
+    min_rounds: int = 8
+    max_rounds: int = 400
+    budget_s: float = 8.0
+    confidence: float = 0.95
+    resamples: int = 2000
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """B's latency over A's: the geometric mean of per-round ratios, with a bootstrap interval.
+
+    Each round times A and B back to back (the order alternating), so drift on a shared machine
+    (another process, a clock change) moves both sides of a round alike and cancels in its ratio;
+    the interval is over rounds, the unit that is independent."""
+
+    ratio: float
+    low: float
+    high: float
+    confidence: float
+    rounds: int
+    a: Timing
+    b: Timing
+
+    def to_dict(self) -> dict[str, object]:
+        return {"ratio": round(self.ratio, 4), "interval": [round(self.low, 4), round(self.high, 4)],
+                "confidence": self.confidence, "rounds": self.rounds,
+                "a_median_ms": self.a.median_ms, "b_median_ms": self.b.median_ms}
+
+
+def time_paired(
+    a: Callable[[], object], b: Callable[[], object], policy: PairedPolicy = PairedPolicy(), threshold: float | None = None
+) -> PairedRatio:
+    """Time B against A in paired rounds until the interval of B/A is clear of `threshold`
+    (entirely below or above it) or the budget is spent; without a threshold, until the interval
+    is narrower than 2% or the budget is spent."""
+    for call in (a, b):
+        for _ in range(policy.warmup):
+            call()
+    samples: tuple[list[float], list[float]] = ([], [])
+    log_ratios: list[float] = []
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    low = high = 1.0
+    while True:
+        order = (0, 1) if len(log_ratios) % 2 == 0 else (1, 0)
+        medians = [0.0, 0.0]
+        for index in order:
+            call = (a, b)[index]
+            call()
+            block = []
+            for _ in range(policy.block):
+                t0 = time.perf_counter()
+                call()
+                block.append((time.perf_counter() - t0) * 1e3)
+            samples[index].extend(block)
+            medians[index] = statistics.median(block)
+        log_ratios.append(float(np.log(medians[1] / medians[0])) if medians[0] > 0 and medians[1] > 0 else 0.0)
+        rounds = len(log_ratios)
+        if rounds < policy.min_rounds:
+            continue
+        low, high = _bootstrap_interval(np.array(log_ratios), policy, rng)
+        clear = high < threshold or low > threshold if threshold is not None else high / low < 1.02
+        if clear or rounds >= policy.max_rounds or time.perf_counter() - start > policy.budget_s:
+            break
+    return PairedRatio(float(np.exp(np.mean(log_ratios))), low, high, policy.confidence, len(log_ratios),
+                       Timing.of(samples[0]), Timing.of(samples[1]))
+
+
+def _bootstrap_interval(log_ratios: np.ndarray, policy: PairedPolicy, rng: np.random.Generator) -> tuple[float, float]:
+    """Percentile bootstrap interval of the geometric-mean ratio."""
+    picks = rng.integers(0, len(log_ratios), size=(policy.resamples, len(log_ratios)))
+    means = log_ratios[picks].mean(axis=1)
+    tail = (1 - policy.confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(np.exp(low)), float(np.exp(high))
