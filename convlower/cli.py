@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", action="append", default=[], metavar="OP=V1,V2", help="limit the variants tried for an op")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default by dtype)")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default by dtype)")
-    p.add_argument("--no-guard", action="store_true", help="skip the whole-model check and timing")
+    p.add_argument("--no-confirm", action="store_true",
+                   help="trust the per-node timings: skip confirming each group's choice in the whole model")
+    p.add_argument("--no-guard", action="store_true", help="skip the whole-model check and timing (and the confirmation)")
     p.add_argument("--force", action="store_true", help="allow the output to overwrite the input")
 
     p = sub.add_parser("verify", help="check two models compute the same outputs (exit 0 equal, 1 not)")
@@ -112,7 +114,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     result = optimize(
         args.model, input_shapes=_shapes(args.input_shape), inputs=args.inputs, provider=args.provider,
         threads=args.threads, cache=cache, variants=args.variants, atol=args.atol, rtol=args.rtol,
-        guard=not args.no_guard, progress=sys.stderr.isatty(),
+        guard=not args.no_guard, confirm=not args.no_confirm, progress=sys.stderr.isatty(),
     )
     save_model(result.model, out, protect=args.model, force=args.force)
     write_text_atomic(report_path, result.report.to_json())

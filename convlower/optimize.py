@@ -46,6 +46,8 @@ the whole interval of its time ratio to the original lies below 1 - MODEL_MIN_GA
 GUARD_ROUNDS = 3
 NODE_POLICY = TimingPolicy(warmup=2, min_runs=10, max_runs=200, budget_s=1.0)
 MODEL_POLICY = PairedPolicy(min_rounds=8, max_rounds=400, budget_s=6.0, confidence=0.95)
+CONTEXT_POLICY = PairedPolicy(min_rounds=6, max_rounds=200, budget_s=3.0, confidence=0.95)
+"""Confirming one group's choice in the whole model: shorter than the guard's check, as there is one per group."""
 
 USE_DEFAULT_CACHE = object()
 
@@ -104,13 +106,16 @@ def optimize(
     atol: float | None = None,
     rtol: float | None = None,
     guard: bool = True,
+    confirm: bool = True,
     progress: bool = False,
 ) -> OptimizeResult:
     """Tune every Conv-like node on onnxruntime and return the fastest verified model with a report.
 
     `cache` is a path, None for no cache, or by default the user's cache folder. `variants`
-    limits the tuner (`{"conv": ["im2col"]}` or `["conv=im2col"]`). With `guard=False` the whole
-    model is neither verified nor timed (each node still is).
+    limits the tuner (`{"conv": ["im2col"]}` or `["conv=im2col"]`). With `confirm=False` the
+    per-node choices are not confirmed one group at a time in the whole model (`_confirm_in_context`),
+    only by the guard. With `guard=False` the whole model is neither verified nor timed (each node
+    still is), nor are the choices confirmed.
     """
     proto = inline_foreign_functions(load_model(model))
     allowed = parse_variant_filter(variants)
@@ -164,6 +169,9 @@ def optimize(
                      "timed": timed, "cached": len(groups) - timed, "cache": str(cache_store.path) if cache_store.path else None}
 
     choices = {n.name: n.chosen for n in report.nodes if n.chosen != ORIGINAL}
+    if confirm and guard:
+        members = {key: [entry.name for entry, _ in group] for key, group in groups.items()}
+        choices = _confirm_in_context(proto, choices, members, report, runner, shapes, feeds)
     optimized = apply_choices(proto, choices) if choices else proto
     if guard:
         optimized = _guard(proto, optimized, choices, report, runner, shapes, feeds, atol, rtol)
@@ -320,6 +328,51 @@ def _node_report(
     chosen = choose(tuning, recognized=recognized)
     return NodeReport(entry.name, entry.op, shape, spec_dict(entry.spec), chosen, tuning.original_ms,
                       variants, cached=tuning.cached, recognized=recognized)
+
+
+def _confirm_in_context(
+    original: onnx.ModelProto,
+    choices: dict[str, str],
+    members: dict[str, list[str]],
+    report: Report,
+    runner: Runner,
+    shapes: dict[str, tuple[int, ...]],
+    feeds: Feeds,
+) -> dict[str, str]:
+    """The choices that also win in the whole model, confirmed one tuning group at a time.
+
+    A node timed alone is not the node onnxruntime runs: on CPU it fuses a Conv with the
+    activation or residual Add after it and keeps chains of Conv in its blocked NCHWc layout, and
+    a node lowered to MatMul in the middle of a chain loses both and pays layout conversions. So
+    each group of identical nodes (largest predicted gain first) is added to the choices kept so
+    far only when the model with it is not slower than the model without it, with confidence
+    (`time_paired`, the interval's upper end below 1). Each kept group's in-context ratio goes to
+    its nodes' reports (`context`); a group that loses in context goes back to the original with
+    the measured ratio as its reason. With a single group the guard's own check decides.
+    """
+    candidates = {key: [name for name in names if name in choices] for key, names in members.items()}
+    candidates = {key: names for key, names in candidates.items() if names}
+    if len(candidates) < 2:
+        return choices
+    by_name = {n.name: n for n in report.nodes}
+    gain = {key: sum((by_name[n].original_ms or 0) - (by_name[n].chosen_ms or 0) for n in names) for key, names in candidates.items()}
+    timing_feeds = input_sets(original, input_shapes=shapes, inputs=feeds, runs=1, seed=4321)[0]
+    kept: dict[str, str] = {}
+    baseline = runner.session(original).runner_for(timing_feeds)
+    for key in sorted(candidates, key=gain.__getitem__, reverse=True):
+        trial = {**kept, **{name: choices[name] for name in candidates[key]}}
+        session = runner.session(apply_choices(original, trial)).runner_for(timing_feeds)
+        paired = time_paired(baseline, session, CONTEXT_POLICY, threshold=1.0)
+        context = {**paired.to_dict(), "kept": paired.high < 1.0}
+        for name in candidates[key]:
+            by_name[name].context = context
+            if not context["kept"]:
+                by_name[name].reason = (f"{by_name[name].chosen} won alone but not in the whole model (time ratio "
+                                        f"{paired.ratio:.3f}, {paired.confidence:.0%} interval {paired.low:.3f}-{paired.high:.3f})")
+                by_name[name].chosen = ORIGINAL
+        if context["kept"]:
+            kept, baseline = trial, session
+    return kept
 
 
 def _guard(

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
@@ -28,6 +29,8 @@ class NodeReport:
     reason: str | None = None
     recognized: bool = False
     """Made by a recognizer from an exported idiom: `original_ms` is then its canonical function body's."""
+    context: dict[str, Any] | None = None
+    """The choice confirmed in the whole model: time ratio with/without it, its interval, kept or not."""
 
     @property
     def chosen_ms(self) -> float | None:
@@ -47,6 +50,8 @@ class NodeReport:
         }
         if self.reason:
             data["reason"] = self.reason
+        if self.context:
+            data["context"] = self.context
         return data
 
 
@@ -79,9 +84,18 @@ class Report:
 
     @property
     def predicted_speedup(self) -> float | None:
-        """What the per-node choices predict for the whole model: its original time over that time
-        less every kept choice's measured gain. Set beside `speedup`, it says how well the node
-        timings carry over to the model."""
+        """What the kept choices predict for the whole model, beside the measured `speedup`: the
+        product of the in-context ratios of the groups confirmed in the whole model, else (no
+        confirmation ran) `isolated_predicted_speedup`."""
+        kept = {id(n.context): n.context["ratio"] for n in self.nodes if n.context and n.context["kept"] and n.chosen != "original"}
+        if not kept:
+            return self.isolated_predicted_speedup
+        return 1 / float(np.prod(list(kept.values())))
+
+    @property
+    def isolated_predicted_speedup(self) -> float | None:
+        """What the nodes timed alone predict: the model's original time over that time less every
+        kept choice's gain measured alone."""
         if not self.original_ms:
             return None
         gain = sum(n.original_ms - n.chosen_ms for n in self.nodes
@@ -96,7 +110,7 @@ class Report:
             "threads": self.threads,
             "nodes": [n.to_dict() for n in self.nodes],
             "model": {"original_ms": self.original_ms, "optimized_ms": self.optimized_ms, "speedup": self.speedup,
-                      "predicted_speedup": self.predicted_speedup},
+                      "predicted_speedup": self.predicted_speedup, "isolated_predicted_speedup": self.isolated_predicted_speedup},
             "verification": self.verification,
             "guard": {"reverted": self.reverted, "timings": self.guard_timings},
             "tuning": self.tuning,

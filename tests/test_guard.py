@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 import convlower
 from convlower.cache import TuningCache
 from convlower.models.builders import conv_block
-from convlower.optimize import GUARD_ROUNDS, MODEL_MIN_GAIN, MODEL_POLICY, _cached, _guard
+from convlower.optimize import GUARD_ROUNDS, MODEL_MIN_GAIN, MODEL_POLICY, _cached, _confirm_in_context, _guard
 from convlower.passes import FAMILIES, Builder, SimpleVariant
 from convlower.passes.conv import ConvSpec, build_native, why_not_native
 from convlower.report import NodeReport, Report
@@ -216,6 +216,44 @@ def test_guard_reverts_least_predicted_gain_first_then_all_once_the_budget_is_sp
         assert "revert budget is spent" in reasons[name]
     assert all(n.chosen == ORIGINAL for n in report.nodes)
     assert report.verification["passed"] is True and report.verification["unchanged"] is True
+
+
+def test_a_choice_that_wins_alone_but_loses_in_the_whole_model_is_not_kept(extra_conv_variants) -> None:
+    """Two groups whose choice (the ~450x slower slow_native) the per-node numbers say wins: each
+    is timed in the whole model against the model without it, loses, and goes back to the
+    original with the in-context ratio as its reason; the guard then has nothing to check."""
+    extra_conv_variants(slow_native(128, 2))
+    model = chain_model(["a", "b", "c"])
+    runner = Runner("cpu")
+    report = guard_report(runner, {"a": ("slow_native", 1.0, 0.5), "b": ("slow_native", 1.0, 0.6)})
+    choices = {"a": "slow_native", "b": "slow_native"}
+    kept = _confirm_in_context(model, choices, {"group a": ["a"], "group b": ["b"], "group c": ["c"]}, report, runner,
+                               {"x": (1, 4, 8, 8)}, {})
+    assert kept == {}
+    for node in report.nodes:
+        assert node.chosen == ORIGINAL and node.reason.startswith("slow_native won alone but not in the whole model")
+        assert node.context["kept"] is False and node.context["interval"][0] > 1
+        assert node.to_dict()["context"] == node.context
+    assert report.predicted_speedup is None, "nothing kept, nothing predicted"
+
+
+def test_a_single_group_is_left_to_the_guard(block: onnx.ModelProto) -> None:
+    runner = Runner("cpu")
+    report = guard_report(runner, {"conv1": ("im2col", 1.0, 0.5)})
+    choices = {"conv1": "im2col"}
+    assert _confirm_in_context(block, choices, {"only": ["conv1"]}, report, runner, BLOCK_SHAPES, {}) == choices
+    assert report.nodes[0].context is None
+
+
+def test_the_prediction_multiplies_the_ratios_of_the_groups_kept_in_context() -> None:
+    report = guard_report(Runner("cpu"), {"a": ("im2col", 1.0, 0.5), "b": ("im2col", 1.0, 0.5), "c": ("im2col", 2.0, 1.0)})
+    report.original_ms = 10.0
+    assert report.predicted_speedup == report.isolated_predicted_speedup == pytest.approx(10 / 8)
+    shared = {"ratio": 0.8, "interval": [0.75, 0.85], "kept": True}
+    report.nodes[0].context = report.nodes[1].context = shared
+    report.nodes[2].context = {"ratio": 0.9, "interval": [0.85, 0.95], "kept": True}
+    assert report.predicted_speedup == pytest.approx(1 / (0.8 * 0.9)), "one factor per group, not per node"
+    assert report.isolated_predicted_speedup == pytest.approx(10 / 8)
 
 
 def test_guard_with_nothing_to_check_runs_nothing(block: onnx.ModelProto) -> None:
