@@ -245,6 +245,8 @@ def test_a_choice_that_wins_alone_but_loses_in_the_whole_model_is_not_kept(extra
         assert node.context["kept"] is False and node.context["interval"][0] > 1
         assert node.to_dict()["context"] == node.context
     assert report.predicted_speedup is None, "nothing kept, nothing predicted"
+    report.verification = {"unchanged": True}
+    assert "0 of 2 node(s) lowered (2 won alone but not in the whole model); no choice held in the whole model" in report.summary()
 
 
 def test_a_single_group_is_left_to_the_guard(block: onnx.ModelProto) -> None:
