@@ -47,8 +47,8 @@ MODEL_MIN_GAIN = 0.01
 the whole interval of its time ratio to the original lies below 1 - MODEL_MIN_GAIN."""
 GUARD_ROUNDS = 3
 NODE_POLICY = TimingPolicy(warmup=2, min_runs=10, max_runs=200, budget_s=1.0)
-MODEL_POLICY = PairedPolicy(min_rounds=8, max_rounds=400, budget_s=6.0, confidence=0.95)
-CONTEXT_POLICY = PairedPolicy(min_rounds=6, max_rounds=200, budget_s=3.0, confidence=0.95)
+MODEL_POLICY = PairedPolicy(min_rounds=10, max_rounds=400, budget_s=6.0, confidence=0.95)
+CONTEXT_POLICY = PairedPolicy(min_rounds=10, max_rounds=200, budget_s=3.0, confidence=0.95)
 """Confirming one group's choice in the whole model: shorter than the guard's check, as there is one per group."""
 
 USE_DEFAULT_CACHE = object()
@@ -396,12 +396,10 @@ def _confirm_in_context(
     confidence (`time_paired`: the interval's upper end below 1). Each kept group's in-context
     ratio (at the first profile; every profile's under "profiles") goes to its nodes' reports
     (`context`); a group that loses in context goes back to the original with the measured ratio
-    as its reason. With a single group the guard's own check decides.
+    as its reason, so the guard does not have to revert it.
     """
     candidates = {key: [name for name in names if name in choices] for key, names in members.items()}
     candidates = {key: names for key, names in candidates.items() if names}
-    if len(candidates) < 2:
-        return choices
     by_name = {n.name: n for n in report.nodes}
     gain = {key: sum((by_name[n].original_ms or 0) - (by_name[n].chosen_ms or 0) for n in names) for key, names in candidates.items()}
     kept: dict[str, str] = {}

@@ -249,14 +249,6 @@ def test_a_choice_that_wins_alone_but_loses_in_the_whole_model_is_not_kept(extra
     assert "0 of 2 node(s) lowered (2 won alone but not in the whole model); no choice held in the whole model" in report.summary()
 
 
-def test_a_single_group_is_left_to_the_guard(block: onnx.ModelProto) -> None:
-    runner = Runner("cpu")
-    report = guard_report(runner, {"conv1": ("im2col", 1.0, 0.5)})
-    choices = {"conv1": "im2col"}
-    assert _confirm_in_context(block, choices, {"only": ["conv1"]}, report, runner, [random_feeds(block, BLOCK_SHAPES)]) == choices
-    assert report.nodes[0].context is None
-
-
 def test_the_prediction_multiplies_the_ratios_of_the_groups_kept_in_context() -> None:
     report = guard_report(Runner("cpu"), {"a": ("im2col", 1.0, 0.5), "b": ("im2col", 1.0, 0.5), "c": ("im2col", 2.0, 1.0)})
     report.original_ms = 10.0
