@@ -111,7 +111,8 @@ def optimize(
 ) -> OptimizeResult:
     """Tune every Conv-like node on onnxruntime and return the fastest verified model with a report.
 
-    `cache` is a path, None for no cache, or by default the user's cache folder. `variants`
+    `cache` is a path, a `redis://` URL, a list of those (front first), a `TuningCache`, None for
+    no cache, or by default the user's cache folder. `variants`
     limits the tuner (`{"conv": ["im2col"]}` or `["conv=im2col"]`). With `confirm=False` the
     per-node choices are not confirmed one group at a time in the whole model (`_confirm_in_context`),
     only by the guard. With `guard=False` the whole model is neither verified nor timed (each node
@@ -138,7 +139,7 @@ def optimize(
     static_shapes.update(_observed_shapes(recognized_proto, _unknown_inputs(planned, graph, static_shapes), shapes, feeds, runner))
     groups = _group(planned, static_shapes, report)
     report.unlowered_ops = unlowered_conv_ops(proto)
-    cache_store = TuningCache(default_cache_path() if cache is USE_DEFAULT_CACHE else cache)  # type: ignore[arg-type]
+    cache_store = TuningCache.open(default_cache_path() if cache is USE_DEFAULT_CACHE else cache)  # type: ignore[arg-type]
     environment = [runner.provider, runner.device, report.onnxruntime, threads]
 
     started = time.perf_counter()
@@ -166,7 +167,9 @@ def optimize(
     order = {entry.name: index for index, entry in enumerate(planned)}
     report.nodes.sort(key=lambda n: order[n.name])
     report.tuning = {"seconds": round(time.perf_counter() - started, 3), "distinct_specs": len(groups),
-                     "timed": timed, "cached": len(groups) - timed, "cache": str(cache_store.path) if cache_store.path else None}
+                     "timed": timed, "cached": len(groups) - timed, "cache": cache_store.describe()}
+    if cache_store.errors:
+        report.tuning["cache_errors"] = cache_store.errors
 
     choices = {n.name: n.chosen for n in report.nodes if n.chosen != ORIGINAL}
     if confirm and guard:
