@@ -49,6 +49,8 @@ PASSWORD_VARIABLES = ("CONVLOWER_REDIS_PASSWORD", "REDIS_PASSWORD")
 KEY_FIELDS = ("problem", "variant", "provider", "device", "onnxruntime", "threads")
 """The parts of an entry's key, in order (`TuningCache.key(tuning_key, variant, *environment)`)."""
 _OUTCOME_FIELDS = {"status": str, "ms": float, "max_abs_err": float, "reason": str}
+_STATUSES = ("ok", "rejected")
+"""The statuses `tune_node` measures (not_applicable and skipped are decided afresh, never stored)."""
 
 
 def default_cache_path() -> Path:
@@ -68,7 +70,7 @@ def valid_entry(value: Any) -> bool:
         return False
     if "status" not in value:
         return set(value) == {"ms"} and _number(value["ms"])
-    return set(value) <= set(_OUTCOME_FIELDS) and all(
+    return value["status"] in _STATUSES and set(value) <= set(_OUTCOME_FIELDS) and all(
         _number(v) if _OUTCOME_FIELDS[k] is float else isinstance(v, str) for k, v in value.items())
 
 

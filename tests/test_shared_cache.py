@@ -208,22 +208,29 @@ def test_concurrent_saves_and_reads_of_one_file_lose_nothing_and_never_see_half_
 
 
 def test_redis_values_that_are_not_ours_are_ignored_and_mended(blocks: list[Path], redis_server: RedisServer) -> None:
-    tune = dict(provider="cpu", threads=1, guard=False, variants=["conv=im2col"], cache=redis_server.url)
+    tune = dict(provider="cpu", threads=1, guard=False, variants=["conv=im2col,einsum"], cache=redis_server.url)
     assert convlower.optimize(blocks[0], **tune).report.tuning["timed"] == 3
     client = redis_server.client()
     keys = sorted(client.keys("convlower:tuning:*"))
-    assert len(keys) == ENTRIES_PER_BLOCK
+    assert len(keys) == 3 * 3, "the original, im2col and einsum, for each of the 3 convs"
     good = json.loads(client.get(keys[0]))
     assert good["version"] == VERSION and good["convlower"] == convlower.__version__
     garbage = [b"not json", b'["a list"]', json.dumps({**good, "version": VERSION + 1}),
                json.dumps({**good, "entry": {"ms": -1.0}}), json.dumps({**good, "entry": {"ms": 1.0, "extra": 2}}),
-               json.dumps({**good, "entry": {"status": "ok", "ms": "fast"}})]
-    for key, value in zip(keys, garbage):
-        client.set(key, value)
+               json.dumps({**good, "entry": {"status": "ok", "ms": "fast"}}), json.dumps({**good, "entry": {"status": "best"}})]
+    for index, key in enumerate(keys):
+        client.set(key, garbage[index % len(garbage)])
     again = convlower.optimize(blocks[0], **tune).report
     assert again.tuning["timed"] == 3, "no entry was trusted, so every problem was tuned again"
     assert "cache_errors" not in again.tuning, "a foreign value is a miss, not a failure"
-    assert len(RedisCache(redis_server.url).entries()) == ENTRIES_PER_BLOCK, "the retuned entries replace the foreign values"
+    store = RedisCache(redis_server.url)
+    assert len(store.entries()) == len(keys), "the retuned entries replace the foreign values"
+    key = keys[0].decode()[len("convlower:tuning:"):]
+    assert store.get(key) == good["entry"]
+    for value in garbage:
+        client.set(keys[0], value)
+        assert store.get(key) is None and key not in store.entries(), f"{value!r} was trusted"
+    assert not store.errors
 
 
 # --- Redis failures -------------------------------------------------------------------------------
