@@ -42,7 +42,7 @@ VERSION = 1
 LOCK_TIMEOUT_S = 60.0
 """How long `FileCache.save` waits for another process's save before giving up (with a warning)."""
 REDIS_TIMEOUT_S = 3.0
-"""Connect and socket timeout for Redis: a server that does not answer costs at most this, once."""
+"""Connect and socket timeout for Redis, with no retry: a server that does not answer costs this once."""
 REDIS_PREFIX = "convlower:tuning:"
 PASSWORD_VARIABLES = ("CONVLOWER_REDIS_PASSWORD", "REDIS_PASSWORD")
 """Where a Redis password comes from when the URL has none, first found wins."""
@@ -278,6 +278,8 @@ class RedisCache(TuningCache):
         self._redis_errors: tuple[type[BaseException], ...] = (OSError,)
         try:
             import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
         except ImportError:
             self._fail("the redis package is not installed (pip install 'convlower[redis]')")
             return
@@ -286,7 +288,7 @@ class RedisCache(TuningCache):
             (os.environ[v] for v in PASSWORD_VARIABLES if os.environ.get(v)), None)
         try:
             self.client = redis.Redis.from_url(url, password=password, socket_timeout=REDIS_TIMEOUT_S,
-                                               socket_connect_timeout=REDIS_TIMEOUT_S)
+                                               socket_connect_timeout=REDIS_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
             self.client.ping()
         except (ValueError, *self._redis_errors) as exc:
             self._fail(exc)

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -275,6 +276,32 @@ def test_an_unreachable_redis_costs_one_warning(tmp_path: Path, blocks: list[Pat
     assert report.tuning["timed"] == 3 and len(report.tuning["cache_errors"]) == 1
     shown = json.dumps(report.to_dict()) + lines[0]
     assert "hunter2" not in shown and ":***@" in shown, "the password is never shown"
+
+
+def test_a_silent_server_is_asked_once_then_left_alone() -> None:
+    """A server that accepts connections and never answers (a hung Redis, a wrong port): one
+    connection, one timeout, no retries, and no further connection for the gets and puts after it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        store = RedisCache(f"redis://127.0.0.1:{listener.getsockname()[1]}/0")
+        assert len(store.errors) == 1 and "Timeout" in store.errors[0]
+        assert store.get(TuningCache.key("p", "v", "CPU", "cpu", "1", 1)) is None
+        store.put(TuningCache.key("p", "v", "CPU", "cpu", "1", 1), {"ms": 1.0})
+        assert len(accepted) == 1 and len(store.errors) == 1
+    finally:
+        listener.close()
+        for connection in accepted:
+            connection.close()
 
 
 def test_a_server_that_dies_after_connecting_costs_one_warning(
