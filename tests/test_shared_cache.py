@@ -248,9 +248,14 @@ def distinct_convs(count: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+CHAIN = 32
+"""Distinct convs in the model whose Redis dies midway: enough tuning after the kill that Redis is
+still in use (tuning these takes about a second on 2 cores; the kill comes after the first one)."""
+
+
 def test_a_redis_server_killed_midway_costs_one_warning(tmp_path: Path, redis_server: RedisServer) -> None:
     model = tmp_path / "chain.onnx"
-    onnx.save(distinct_convs(16), model)
+    onnx.save(distinct_convs(CHAIN), model)
     local = tmp_path / "local.json"
     process = start_optimize(model, tmp_path, local, redis_server.url)
     client = redis_server.client()
@@ -262,9 +267,9 @@ def test_a_redis_server_killed_midway_costs_one_warning(tmp_path: Path, redis_se
     report, stderr = finish(process, model, tmp_path)
     assert len(warnings_in(stderr)) == 1, stderr
     assert "shared tuning cache redis://127.0.0.1" in warnings_in(stderr)[0]
-    assert report["tuning"]["timed"] == report["tuning"]["distinct_specs"] == 16, "tuning went on without Redis"
+    assert report["tuning"]["timed"] == report["tuning"]["distinct_specs"] == CHAIN, "tuning went on without Redis"
     assert len(report["tuning"]["cache_errors"]) == 1 and redis_server.url in report["tuning"]["cache_errors"][0]
-    assert len(file_entries(local)) == 2 * 16, "the local file in front still got every entry"
+    assert len(file_entries(local)) == 2 * CHAIN, "the local file in front still got every entry"
 
 
 def test_an_unreachable_redis_costs_one_warning(tmp_path: Path, blocks: list[Path], capsys: pytest.CaptureFixture) -> None:
