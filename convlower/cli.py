@@ -8,14 +8,19 @@ Exit codes: 0 success (verify: equivalent); 1 verification failed or the result 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from . import __version__, console
 from .errors import ConvlowerError, UsageError
 from .runner import PROVIDER_CHOICES
 from .shapes import parse_input_shape
+
+if TYPE_CHECKING:
+    from .cache import TuningCache
 
 EXIT_INTERNAL = 3
 
@@ -52,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shapes(p)
     _add_provider(p)
     cache = p.add_mutually_exclusive_group()
-    cache.add_argument("--cache", metavar="PATH", help="tuning cache file (default ~/.cache/convlower/tuning.json)")
+    cache.add_argument("--cache", action="append", metavar="PATH|URL",
+                       help="tuning cache: a JSON file or redis://HOST:PORT/DB (rediss:// for TLS); repeat to layer "
+                            "them, front first, e.g. a local file before Redis (default ~/.cache/convlower/tuning.json)")
     cache.add_argument("--no-cache", action="store_true", help="tune from scratch and keep nothing")
     p.add_argument("--report", metavar="REPORT.json", help="JSON report path (default OUT stem + .json)")
     p.add_argument("--variants", action="append", default=[], metavar="OP=V1,V2", help="limit the variants tried for an op")
@@ -91,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_provider(p)
     p.add_argument("--runs", type=int, default=200, help="most timed runs per model (default 200)")
     p.add_argument("--json", action="store_true")
+
+    store = _Parser(add_help=False)
+    store.add_argument("--cache", action="append", metavar="PATH|URL",
+                       help="the cache, as for optimize (default ~/.cache/convlower/tuning.json); repeat to layer them")
+    p = sub.add_parser("cache", help="show, export, import or clear tuning cache entries (a file or Redis)")
+    actions = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    a = actions.add_parser("show", parents=[store], help="entries counted by provider, device, onnxruntime and threads")
+    a.add_argument("--json", action="store_true")
+    a = actions.add_parser("export", parents=[store], help="copy every entry into a JSON cache file (merged if it exists)")
+    a.add_argument("file")
+    a = actions.add_parser("import", parents=[store], help="copy every entry of a JSON cache file into the cache")
+    a.add_argument("file")
+    a = actions.add_parser("clear", parents=[store], help="delete the entries of one device and/or onnxruntime version")
+    a.add_argument("--device", help="the device as 'cache show' lists it (the report's device field)")
+    a.add_argument("--onnxruntime", metavar="VERSION", help="e.g. 1.22.0")
+    a.add_argument("--all", action="store_true", help="delete every entry")
 
     p = sub.add_parser("demo", help="export, optimize and check a bundled dynamic-filter model")
     p.add_argument("--model", default="involution", help="kpn_denoiser, involution, carafe or seed_filter (default involution)")
@@ -184,6 +207,66 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import FileCache, TuningCache, default_cache_path, environments, matches
+
+    store = TuningCache.open(args.cache or default_cache_path())
+    where = store.describe()
+    if args.action == "show":
+        rows = environments(store.entries())
+        _check_store(store)
+        if args.json:
+            print(json.dumps({"cache": where, "environments": rows}, indent=1))
+        else:
+            _print_environments(where, rows)
+    elif args.action == "export":
+        target = FileCache(args.file)
+        found = store.entries()
+        _check_store(store)
+        for key, entry in found.items():
+            target.put(key, entry)
+        target.save()
+        _check_store(target)
+        print(f"exported {len(found)} entries from {where} to {args.file}")
+    elif args.action == "import":
+        source = FileCache(args.file) if Path(args.file).is_file() else None
+        if source is None or source.errors:
+            raise UsageError(f"cannot import {args.file}: it is not a readable convlower tuning cache",
+                             "give a file written by 'convlower cache export' or by --cache PATH")
+        found = source.entries()
+        for key, entry in found.items():
+            store.put(key, entry)
+        store.save()
+        _check_store(store)
+        print(f"imported {len(found)} entries from {args.file} into {where}")
+    else:
+        if not (args.all or args.device or args.onnxruntime):
+            raise UsageError("cache clear needs --device, --onnxruntime or --all", "say which entries to delete")
+        removed = store.remove(lambda key: not (args.all or matches(key, args.device, args.onnxruntime)))
+        _check_store(store)
+        print(f"removed {removed} entries from {where}")
+    return 0
+
+
+def _check_store(store: TuningCache) -> None:
+    if store.errors:
+        raise UsageError(f"the tuning cache could not be used: {'; '.join(store.errors)}",
+                         "check the path or the Redis URL, server and password")
+
+
+def _print_environments(where: str | None, rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"convlower tuning cache: {where}", title_justify="left")
+    for column in ("provider", "device", "onnxruntime", "threads", "entries", "problems"):
+        table.add_column(column, justify="right" if column in ("threads", "entries", "problems") else "left")
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in ("provider", "device", "onnxruntime", "threads", "entries", "problems")))
+    Console(width=160).print(table)
+    print(f"{sum(r['entries'] for r in rows)} entries in {len(rows)} environment(s)")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .modelio import check_output_path
@@ -192,7 +275,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.model, args.provider, report=report)
 
 
-COMMANDS = {"optimize": _cmd_optimize, "verify": _cmd_verify, "lower": _cmd_lower, "inspect": _cmd_inspect, "bench": _cmd_bench, "demo": _cmd_demo}
+COMMANDS = {"optimize": _cmd_optimize, "verify": _cmd_verify, "lower": _cmd_lower, "inspect": _cmd_inspect, "bench": _cmd_bench,
+            "cache": _cmd_cache, "demo": _cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -116,7 +116,8 @@ def optimize(
     `input_shapes` binds symbolic dims: `{"x": (1, 3, 224, 224)}`, or several shapes of an input
     for several profiles, `{"x": [(1, 3, 320, 320), (1, 3, 960, 960)]}`: every node is then tuned
     at each, a variant replaces a node only where it is not slower at any, and the guard checks
-    every profile. `cache` is a path, None for no cache, or by default the user's cache folder.
+    every profile. `cache` is a path, a `redis://` URL, a list of those (front first), a
+    `TuningCache`, None for no cache, or by default the user's cache folder.
     `variants` limits the tuner (`{"conv": ["im2col"]}` or `["conv=im2col"]`). With
     `confirm=False` the per-node choices are not confirmed one group at a time in the whole model
     (`_confirm_in_context`), only by the guard. With `guard=False` the whole model is neither
@@ -146,7 +147,7 @@ def optimize(
     static = [_profile_shapes(recognized_proto, planned, graph, shapes, feeds, runner) for shapes in profiles]
     groups = _group(planned, static, report)
     report.unlowered_ops = unlowered_conv_ops(proto)
-    cache_store = TuningCache(default_cache_path() if cache is USE_DEFAULT_CACHE else cache)  # type: ignore[arg-type]
+    cache_store = TuningCache.open(default_cache_path() if cache is USE_DEFAULT_CACHE else cache)  # type: ignore[arg-type]
     environment = [runner.provider, runner.device, report.onnxruntime, threads]
 
     started = time.perf_counter()
@@ -181,7 +182,9 @@ def optimize(
     order = {entry.name: index for index, entry in enumerate(planned)}
     report.nodes.sort(key=lambda n: order[n.name])
     report.tuning = {"seconds": round(time.perf_counter() - started, 3), "distinct_specs": len(tuned),
-                     "timed": timed, "cached": len(tuned) - timed, "cache": str(cache_store.path) if cache_store.path else None}
+                     "timed": timed, "cached": len(tuned) - timed, "cache": cache_store.describe()}
+    if cache_store.errors:
+        report.tuning["cache_errors"] = cache_store.errors
 
     choices = {n.name: n.chosen for n in report.nodes if n.chosen != ORIGINAL}
     timing_feeds = [input_sets(proto, input_shapes=shapes, inputs=feeds, runs=1, seed=1234)[0] for shapes in profiles]

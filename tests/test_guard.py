@@ -395,7 +395,7 @@ def test_the_cache_misses_when_threads_provider_device_or_onnxruntime_change(blo
     (conv1,) = [p for p in plan_nodes(import_graph(block), 17) if p.name == "conv1"]
     key = tuning_key(conv1.spec, shapes)
     environment = [report.provider, report.device, report.onnxruntime, report.threads]
-    stored = TuningCache(path)
+    stored = TuningCache.open(path)
     hit = _cached(stored, key, environment, conv1, {})
     assert hit is not None and hit.cached
     assert hit.original_ms == report.nodes[0].original_ms
