@@ -14,11 +14,13 @@ real; `--repeat N` optimizes N times afresh), then measure:
 - self-check: the original against a second session of itself, the same way. It must read 1.00x
   within its interval; the interval is the noise of the measurement on this machine at this time;
 - torch eager: in a child process (this script with `--eager-only FAMILY`), while this process
-  waits. Timed in one loop with onnxruntime, torch's OpenMP threads, spinning after each eager
+  waits. Timed in one loop with onnxruntime, torch's OpenMP workers, spinning after each eager
   call, took the cores from whichever model ran next (an unchanged model read 1.16x against
-  itself). The zoo's builders are seeded, and the child's inputs are checked to be the same bytes.
-  This process sets torch to one thread, so export and construction leave no OpenMP workers
-  behind to spin while onnxruntime is timed.
+  itself). Measured here by the CPU time a process burns while its main thread sleeps: after one
+  eager ResNet call with 2 torch threads, 4-16 ms (over sleeps of 1-500 ms); with 1 thread, or
+  after `convlower.export`, under 0.1 ms. This process sets torch to one thread all the same, so
+  no OpenMP worker exists to spin while onnxruntime is timed. The zoo's builders are seeded, and
+  the child's inputs are checked to be the same bytes.
 
 Writes `benchmarks/results/zoo.md` (the tables) and `zoo.png` (a bar chart), and prints the tables
 with the machine, the onnxruntime version and the provider that actually ran.
@@ -148,6 +150,13 @@ def chosen_variants(result: OptimizeResult) -> dict[str, tuple[str, str]]:
     return {n.name: (n.op, n.chosen) for n in result.report.nodes if n.chosen != ORIGINAL}
 
 
+def predicted_speedup(result: OptimizeResult) -> float | None:
+    """The report's prediction; 1.0 for a model written unchanged (the guard then never timed it)."""
+    if not chosen_variants(result):
+        return 1.0
+    return result.report.predicted_speedup
+
+
 def oracle(model: onnx.ModelProto, result: OptimizeResult, runner: Runner, feeds: dict[str, np.ndarray]) -> dict[str, str]:
     """Coordinate descent over node groups (same spec and shapes), timing whole models: the choices."""
     planned = plan_nodes(import_graph(model), default_opset(model))
@@ -183,7 +192,7 @@ def run_family(name: str, args: argparse.Namespace, runner: Runner) -> Row:
         result = convlower.optimize(model, inputs=feeds, provider=runner.requested, threads=runner.threads, cache=None)
         results.append((result, time.perf_counter() - started))
     runs = [
-        Run(chosen_variants(result), len(result.report.reverted), result.report.speedup, result.report.predicted_speedup,
+        Run(chosen_variants(result), len(result.report.reverted), result.report.speedup, predicted_speedup(result),
             time_paired(original, runner.session(result.model).runner_for(feeds), PAIRED), tuning_s)
         for result, tuning_s in results
     ]
@@ -204,6 +213,10 @@ def _ratio(value: float, low: float, high: float) -> str:
     return f"{value:.2f}x [{low:.2f}-{high:.2f}]"
 
 
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value >= 1 else f"{value:.3g}"
+
+
 def _predicted(run: Run) -> str:
     return f"{run.predicted:.2f}x" if run.predicted is not None else "-"
 
@@ -222,9 +235,9 @@ def markdown(rows: list[Row], header: str, repeat: int) -> str:
             gap = _ratio(r.oracle_gap.ratio, r.oracle_gap.low, r.oracle_gap.high) + (" (same choices)" if r.oracle_same else "")
         check = _ratio(r.self_check.ratio, r.self_check.low, r.self_check.high) + ("" if r.self_check_holds else " (!)")
         lines.append(
-            f"| {r.name} | {len(run.chosen)}/{r.nodes} | {r.variants} | {r.original_ms:.2f} | {r.optimized_ms:.2f} "
+            f"| {r.name} | {len(run.chosen)}/{r.nodes} | {r.variants} | {_ms(r.original_ms)} | {_ms(r.optimized_ms)} "
             f"| {_ratio(run.speedup, *run.speedup_interval)}{'' if run.chosen else ' (unchanged)'} | {_predicted(run)} "
-            f"| {' '.join(str(x.reverts) for x in r.runs)} | {gap} | {check} | {r.eager.median_ms:.2f} "
+            f"| {' '.join(str(x.reverts) for x in r.runs)} | {gap} | {check} | {_ms(r.eager.median_ms)} "
             f"| {r.eager.median_ms / r.optimized_ms:.2f}x | {run.tuning_s:.1f} | {'yes' if r.verified else 'NO'} |"
         )
     lines += [
