@@ -166,6 +166,8 @@ class Run:
     lowered: int | None = None
     nodes: int | None = None
     guard_speedup: float | None = None
+    unchanged: bool = False
+    """The guard wrote the input itself (nothing lowered, or every choice reverted): its speedup is noise."""
     verified: str = ""
     max_error: float | None = None
     tuning_s: float | None = None
@@ -178,7 +180,7 @@ class Run:
             return format(value, fmt) if value is not None else "-"
         lowered = f"{self.lowered}/{self.nodes}" if self.nodes is not None else "-"
         return [self.model.name, " ".join(self.options) or "(none)", str(self.exit_code), lowered,
-                num(self.guard_speedup, ".2f") + ("x" if self.guard_speedup else ""),
+                num(self.guard_speedup, ".2f") + ("x" if self.guard_speedup else "") + (" (unchanged)" if self.unchanged else ""),
                 num(self.ab_ratio, ".2f") + ("x" if self.ab_ratio else ""),
                 num(self.max_error, ".2e") + (f" ({self.verified})" if self.verified else ""),
                 num(self.tuning_s, ".1f"), f"{self.seconds:.0f}", self.message.replace("|", "\\|")]
@@ -217,6 +219,7 @@ def run_one(model: Model, path: Path, options: tuple[str, ...], work: Path, time
     run.nodes = len(report["nodes"])
     run.lowered = sum(1 for n in report["nodes"] if n["chosen"] != "original")
     run.guard_speedup = report["model"]["speedup"]
+    run.unchanged = bool(report["verification"].get("unchanged"))
     run.tuning_s = report["tuning"].get("seconds")
     run.provider = f"{report['provider']} ({report['device']})"
     checked = _convlower(["verify", str(path), str(out), "--json", *options], timeout)
