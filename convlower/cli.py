@@ -118,7 +118,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     write_text_atomic(report_path, result.report.to_json())
     for notice in result.report.notices:
         console.notice(notice)
-    Console(width=160).print(result.report.table())
+    if result.report.nodes:
+        Console(width=160).print(result.report.table())
     print(result.report.summary())
     print(f"wrote {out} and {report_path}")
     return 0
@@ -188,6 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         console.notice(f"error: {exc}")
         return exc.exit_code
+    except console.ConvlowerWarning as exc:  # PYTHONWARNINGS=error or -W error: a chosen stop, not a bug
+        if verbose:
+            traceback.print_exc()
+        console.notice(f"error: Python's warnings filter made the warning above an error ({type(exc).__name__})")
+        return UsageError.exit_code
     except KeyboardInterrupt:
         console.notice("interrupted")
         return 130

@@ -37,7 +37,11 @@ def random_inputs(inputs: list[InputInfo], shapes: dict[str, tuple[int, ...]], s
 
 
 def load_npz(path: str | Path, inputs: list[InputInfo]) -> Feeds:
-    """Arrays by input name from an .npz file, checked against the model's inputs."""
+    """Arrays by input name from an .npz file, checked against the model's inputs.
+
+    The file may hold only some inputs (a sample rate, a vocabulary index): the others are then
+    made at random (`complete_feeds`). A name that is not an input is refused, as a typo would be.
+    """
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such file", "check the --inputs path")
@@ -46,28 +50,34 @@ def load_npz(path: str | Path, inputs: list[InputInfo]) -> Feeds:
             arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path}: not a readable .npz file ({exc})", "write it with numpy.savez") from exc
-    feeds: Feeds = {}
-    for info in inputs:
-        if info.name not in arrays:
-            raise UsageError(
-                f"{path}: has no array named {info.name!r}",
-                f"the model's inputs are: {', '.join(i.name for i in inputs)}",
-            )
-        array = arrays[info.name]
+    by_name = {info.name: info for info in inputs}
+    unknown = sorted(set(arrays) - set(by_name))
+    if unknown:
+        raise UsageError(
+            f"{path}: holds {unknown[0]!r}, which is not a model input",
+            f"the model's inputs are: {', '.join(by_name)}",
+        )
+    for name, array in arrays.items():
+        info = by_name[name]
         if array.dtype != info.dtype:
             raise UsageError(
-                f"{path}: array {info.name!r} is {array.dtype}, the model wants {info.dtype}",
+                f"{path}: array {name!r} is {array.dtype}, the model wants {info.dtype}",
                 "save it with the model's dtype",
             )
         if info.dims is not None and (
             len(info.dims) != array.ndim or any(isinstance(d, int) and d != s for d, s in zip(info.dims, array.shape))
         ):
             raise UsageError(
-                f"{path}: array {info.name!r} has shape {array.shape}, the model wants {info.dims}",
+                f"{path}: array {name!r} has shape {array.shape}, the model wants {info.dims}",
                 "save arrays of the model's shape",
             )
-        feeds[info.name] = array
-    return feeds
+    return arrays
+
+
+def complete_feeds(inputs: list[InputInfo], given: Feeds, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> Feeds:
+    """The given arrays, and seeded random ones at `shapes` for every input they leave out."""
+    missing = [info for info in inputs if info.name not in given]
+    return {**random_inputs(missing, shapes, seed=seed), **given}
 
 
 def feeds_shapes(feeds: Feeds) -> dict[str, tuple[int, ...]]:

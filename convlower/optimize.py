@@ -31,20 +31,21 @@ from convlower.passes.base import constant_value, onnx_dtype, onnx_nodes
 
 from .cache import TuningCache, default_cache_path
 from .errors import UsageError
-from .inputs import Feeds, feeds_shapes, load_npz
+from .inputs import Feeds, feeds_shapes
 from .modelio import ModelLike, default_opset, load_model
 from .report import NodeReport, Report
-from .rewrite import PlannedNode, all_graphs, apply_choices, finish, import_graph, plan_nodes
-from .runner import Runner, TimingPolicy, time_interleaved
-from .shapes import graph_inputs, resolve_shapes, with_static_inputs
+from .rewrite import PlannedNode, all_graphs, apply_choices, finish, import_graph, plan_nodes, unlowered_conv_ops
+from .runner import PairedPolicy, RunError, Runner, TimingPolicy, time_paired
+from .shapes import InputInfo, graph_inputs, resolve_shapes, with_static_inputs
 from .tune import ORIGINAL, NodeTuning, VariantOutcome, choose, tune_node, tuning_key
-from .verify import VerifyResult, input_sets, verify
+from .verify import VerifyResult, given_arrays, input_sets, verify
 
 MODEL_MIN_GAIN = 0.01
-"""The optimized whole model must be at least this much faster than the original to be kept."""
+"""The optimized whole model is kept only when it is this much faster with `MODEL_POLICY.confidence`:
+the whole interval of its time ratio to the original lies below 1 - MODEL_MIN_GAIN."""
 GUARD_ROUNDS = 3
 NODE_POLICY = TimingPolicy(warmup=2, min_runs=10, max_runs=200, budget_s=1.0)
-MODEL_POLICY = TimingPolicy(warmup=3, min_runs=20, max_runs=400, budget_s=3.0)
+MODEL_POLICY = PairedPolicy(min_rounds=8, max_rounds=400, budget_s=6.0, confidence=0.95)
 
 USE_DEFAULT_CACHE = object()
 
@@ -117,9 +118,11 @@ def optimize(
     report = Report(runner.provider, runner.device, threads)
     if runner.notice:
         report.notices.append(runner.notice)
-    feeds = _given_feeds(proto, inputs)
-    shapes = feeds_shapes(feeds) if feeds is not None else resolve_shapes(graph_inputs(proto), input_shapes)
-    runner.session(proto)  # fail early, with onnxruntime's reason, on a model it cannot load
+    infos = graph_inputs(proto)
+    feeds = given_arrays(infos, inputs)
+    named = {**(input_shapes or {}), **feeds_shapes(feeds)}
+    shapes = resolve_shapes(infos, named)
+    _check_profiling_run(runner, proto, infos, input_sets(proto, input_shapes=shapes, inputs=feeds, runs=1)[0], named, set(feeds))
 
     graph = import_graph(proto)
     planned = plan_nodes(graph, default_opset(proto))
@@ -129,6 +132,7 @@ def optimize(
     static_shapes = _static_shapes(recognized_proto, shapes)
     static_shapes.update(_observed_shapes(recognized_proto, _unknown_inputs(planned, graph, static_shapes), shapes, feeds, runner))
     groups = _group(planned, static_shapes, report)
+    report.unlowered_ops = unlowered_conv_ops(proto)
     cache_store = TuningCache(default_cache_path() if cache is USE_DEFAULT_CACHE else cache)  # type: ignore[arg-type]
     environment = [runner.provider, runner.device, report.onnxruntime, threads]
 
@@ -183,10 +187,31 @@ def _group(
     return groups
 
 
-def _given_feeds(model: onnx.ModelProto, inputs: str | Feeds | None) -> Feeds | None:
-    if inputs is None:
-        return None
-    return dict(inputs) if isinstance(inputs, dict) else load_npz(inputs, graph_inputs(model))
+def _check_profiling_run(runner: Runner, model: onnx.ModelProto, infos: list[InputInfo], feeds: Feeds,
+                         named: dict[str, tuple[int, ...]], given: set[str]) -> None:
+    """Run the model once on its profiling inputs before any tuning, so that a model these inputs
+    do not suit (a reflect Pad longer than a default length, a sample rate random data is not)
+    fails at once as the user's input problem, naming the node, onnxruntime's reason and the
+    option that mends it: `--input-shape` for the inputs whose shape was a default, else `--inputs`."""
+    session = runner.session(model)  # a model onnxruntime cannot load fails here, with its reason
+    try:
+        session.run(feeds)
+    except RunError as exc:
+        defaulted = [i for i in infos if i.name not in named and (i.dims is None or not all(isinstance(d, int) for d in i.dims))]
+        random = [i.name for i in infos if i.name not in given]
+        fixes = []
+        if defaulted:
+            shown = ", ".join(f"{i.name} {'x'.join(map(str, feeds[i.name].shape)) or 'scalar'}" for i in defaulted)
+            fixes.append(f"the profiling shapes were defaults ({shown}): give real ones with "
+                         + " ".join(f"--input-shape {i.name}:DIMS" for i in defaulted))
+        if random:
+            fixes.append(f"the inputs {', '.join(random)} were random: give values the model accepts with --inputs DATA.npz"
+                         " (numpy.savez; it may hold only the inputs that need real values)")
+        else:
+            fixes.append("check the arrays in --inputs")
+        fix = "; or ".join(fixes)
+        where = f" at node {exc.node!r} ({exc.op})" if exc.node else ""
+        raise UsageError(f"the model fails on its profiling inputs{where}: {exc.reason}", fix) from exc
 
 
 def _static_shapes(recognized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...] | None]:
@@ -216,7 +241,7 @@ def _unknown_inputs(planned: list[PlannedNode], graph: gs.Graph, static: dict[st
 
 
 def _observed_shapes(
-    model: onnx.ModelProto, tensors: list[gs.Tensor], shapes: dict[str, tuple[int, ...]], feeds: Feeds | None, runner: Runner
+    model: onnx.ModelProto, tensors: list[gs.Tensor], shapes: dict[str, tuple[int, ...]], feeds: Feeds, runner: Runner
 ) -> dict[str, tuple[int, ...]]:
     """Shapes of `tensors` seen by running the model once with them as extra outputs.
 
@@ -232,7 +257,7 @@ def _observed_shapes(
         if tensor.name not in outputs and tensor.dtype is not None:
             probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor.name, onnx_dtype(tensor), None))
     session = runner.session(probe)
-    values = session.run(feeds if feeds is not None else input_sets(model, input_shapes=shapes, runs=1)[0])
+    values = session.run(input_sets(model, input_shapes=shapes, inputs=feeds, runs=1)[0])
     return {name: tuple(value.shape) for name, value in zip(session.output_names, values)}
 
 
@@ -304,7 +329,7 @@ def _guard(
     report: Report,
     runner: Runner,
     shapes: dict[str, tuple[int, ...]],
-    feeds: Feeds | None,
+    feeds: Feeds,
     atol: float | None,
     rtol: float | None,
 ) -> onnx.ModelProto:
@@ -313,8 +338,11 @@ def _guard(
     `report.verification` records both what the check found and what was written: "passed" says
     whether the last optimized candidate's outputs agreed with the original's, "unchanged" whether
     the model returned is `original` itself. Outputs that disagree revert every choice at once
-    (passed false, with the errors and the outputs that failed); a candidate that is not faster
-    loses its choice of least predicted gain, and after `GUARD_ROUNDS` such rounds all the rest.
+    (passed false, with the errors and the outputs that failed). The timing is paired
+    (`time_paired`): a candidate is kept only when the confidence interval of its time ratio to
+    the original lies wholly below 1 - MODEL_MIN_GAIN, measuring more rounds while the answer is
+    unclear; every check's ratio and interval go to `report.guard_timings`. A candidate not shown
+    faster loses its choice of least predicted gain, and after `GUARD_ROUNDS` such rounds all the rest.
     Each round either returns or reverts at least one choice, so it ends. With no choice at all
     nothing runs: `{"unchanged": true}`.
     """
@@ -322,7 +350,7 @@ def _guard(
         report.verification = {"unchanged": True}
         return original
     choices = dict(choices)
-    timing_feeds = feeds if feeds is not None else input_sets(original, input_shapes=shapes, runs=1, seed=1234)[0]
+    timing_feeds = input_sets(original, input_shapes=shapes, inputs=feeds, runs=1, seed=1234)[0]
     gains = {n.name: (n.original_ms or 0) - (n.chosen_ms or 0) for n in report.nodes if n.name in choices}
     while choices:
         check = verify(original, optimized, input_shapes=shapes, inputs=feeds, runs=2, atol=atol, rtol=rtol, runner=runner)
@@ -334,12 +362,15 @@ def _guard(
             _revert(report, list(choices), f"the optimized model's outputs disagree with the original's: {reason}")
             return original
         report.verification = {"passed": True, "unchanged": False, **errors}
-        before, after = time_interleaved([runner.session(original), runner.session(optimized)], timing_feeds, MODEL_POLICY)
-        report.original_ms, report.optimized_ms = before.median_ms, after.median_ms
-        if after.median_ms <= before.median_ms * (1 - MODEL_MIN_GAIN):
+        paired = time_paired(runner.session(original).runner_for(timing_feeds), runner.session(optimized).runner_for(timing_feeds),
+                             MODEL_POLICY, threshold=1 - MODEL_MIN_GAIN)
+        report.guard_timings.append(paired.to_dict())
+        report.original_ms, report.optimized_ms = paired.a.median_ms, paired.b.median_ms
+        if paired.high < 1 - MODEL_MIN_GAIN:
             return optimized
         least = min(choices, key=lambda name: gains.get(name, 0.0))
-        _revert(report, [least], f"the optimized model was not faster ({after.median_ms:.3f} vs {before.median_ms:.3f} ms)")
+        _revert(report, [least], f"the optimized model was not shown {MODEL_MIN_GAIN:.0%} faster "
+                                 f"(time ratio {paired.ratio:.3f}, {paired.confidence:.0%} interval {paired.low:.3f}-{paired.high:.3f})")
         del choices[least]
         if len(report.reverted) >= GUARD_ROUNDS and choices:
             _revert(report, list(choices), "the guard's revert budget is spent")

@@ -60,15 +60,33 @@ class Report:
     optimized_ms: float | None = None
     verification: dict[str, Any] = field(default_factory=dict)
     reverted: list[str] = field(default_factory=list)
+    guard_timings: list[dict[str, Any]] = field(default_factory=list)
+    """Each whole-model check of the guard: time ratio optimized/original, its interval, rounds."""
     notices: list[str] = field(default_factory=list)
     tuning: dict[str, Any] = field(default_factory=dict)
+    unlowered_ops: dict[str, int] = field(default_factory=dict)
+    """Convolution ops in the model that no pass family lowers (ConvInteger, QLinearConv, ...), by count."""
     onnxruntime: str = ort.__version__
 
     @property
     def speedup(self) -> float | None:
+        """The guard's last paired estimate (original over optimized), else the ratio of medians."""
+        if self.guard_timings:
+            return 1 / self.guard_timings[-1]["ratio"]
         if not self.original_ms or not self.optimized_ms:
             return None
         return self.original_ms / self.optimized_ms
+
+    @property
+    def predicted_speedup(self) -> float | None:
+        """What the per-node choices predict for the whole model: its original time over that time
+        less every kept choice's measured gain. Set beside `speedup`, it says how well the node
+        timings carry over to the model."""
+        if not self.original_ms:
+            return None
+        gain = sum(n.original_ms - n.chosen_ms for n in self.nodes
+                   if n.chosen != "original" and n.original_ms is not None and n.chosen_ms is not None)
+        return self.original_ms / (self.original_ms - gain) if gain < self.original_ms else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,10 +95,12 @@ class Report:
             "onnxruntime": self.onnxruntime,
             "threads": self.threads,
             "nodes": [n.to_dict() for n in self.nodes],
-            "model": {"original_ms": self.original_ms, "optimized_ms": self.optimized_ms, "speedup": self.speedup},
+            "model": {"original_ms": self.original_ms, "optimized_ms": self.optimized_ms, "speedup": self.speedup,
+                      "predicted_speedup": self.predicted_speedup},
             "verification": self.verification,
-            "guard": {"reverted": self.reverted},
+            "guard": {"reverted": self.reverted, "timings": self.guard_timings},
             "tuning": self.tuning,
+            "unlowered_ops": self.unlowered_ops,
             "notices": self.notices,
         }
 
@@ -109,8 +129,16 @@ class Report:
     def summary(self) -> str:
         """One line: how many nodes the written model lowers, what the guard found, and whether the
         model written is the input unchanged (then no end-to-end speedup is claimed)."""
+        where = f"on {self.provider} ({self.device})"
+        found = ", ".join(f"{count} {op}" for op, count in self.unlowered_ops.items())
+        if all(n.original_ms is None for n in self.nodes):
+            why = f"{len(self.nodes)} node(s) cannot be lowered (the table says why)" if self.nodes else "no Conv, ConvTranspose or known idiom"
+            return (f"nothing to lower: {why}" + (f"; found {found}, which convlower does not lower" if found else "")
+                    + f"; wrote the input unchanged; {where}")
         lowered = sum(1 for n in self.nodes if n.chosen != "original")
         counted = f"{lowered} of {len(self.nodes)} node(s) lowered" + (f" ({len(self.reverted)} reverted)" if self.reverted else "")
+        if found:
+            counted += f" ({found} not lowered: convlower has no variants for them)"
         check = self.verification
         if check.get("passed") is False:
             outcome = f"outputs disagreed ({check.get('reason')}); wrote the input unchanged"
@@ -123,12 +151,16 @@ class Report:
             outcome = "no variant beat the original; wrote the input unchanged"
         else:
             outcome = f"{self._speed()}; NOT verified" + (" (guard off)" if check.get("skipped") else "")
-        return f"{counted}; {outcome}; on {self.provider} ({self.device})"
+        return f"{counted}; {outcome}; {where}"
 
     def _speed(self) -> str:
         if not self.speedup:
             return "end-to-end timing skipped"
-        return f"{self.speedup:.2f}x end to end ({_ms(self.original_ms)} -> {_ms(self.optimized_ms)} ms)"
+        interval = ""
+        if self.guard_timings:
+            low, high = self.guard_timings[-1]["interval"]
+            interval = f", {self.guard_timings[-1]['confidence']:.0%} interval {1 / high:.2f}-{1 / low:.2f}x"
+        return f"{self.speedup:.2f}x end to end ({_ms(self.original_ms)} -> {_ms(self.optimized_ms)} ms{interval})"
 
     def __str__(self) -> str:
         console = Console(width=160, record=True, file=io.StringIO())

@@ -7,6 +7,7 @@ and hands back a model that keeps the original's interface and passes onnx.check
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -145,6 +146,15 @@ def _passes_checker(model: onnx.ModelProto) -> bool:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
         return False
     return True
+
+
+def unlowered_conv_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """Counts of the convolution ops (in any subgraph) that no pass family lowers: ConvInteger,
+    QLinearConv, DeformConv, onnxruntime's fused and NHWC convs. A report names them, so that a
+    quantized model reads as "nothing to lower", not as "no variant won"."""
+    counts = Counter(node.op_type for node in onnx_nodes(model.graph)
+                     if "conv" in node.op_type.lower() and family_for(node.op_type, node.domain or "") is None)
+    return dict(sorted(counts.items()))
 
 
 def remaining_ops(model: onnx.ModelProto, op_types: set[str]) -> list[str]:

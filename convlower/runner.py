@@ -7,16 +7,29 @@ Providers:
   load, that is an error, never a silent fallback.
 - `auto`: CUDA where it loads, else CPU with a notice saying why.
 
+Before CUDA is tried, `onnxruntime.preload_dlls()` loads the CUDA and cuDNN libraries that pip
+installed (the `nvidia-*` packages of `convlower[cuda]`, or those a CUDA build of torch brought),
+so a machine with only the NVIDIA driver needs no LD_LIBRARY_PATH. When CUDA still cannot load,
+the error or notice carries onnxruntime's own reason and the install line that mends it
+(`cuda_failure`, `INSTALL_CUDA`).
+
 Whatever was asked for, `Runner.provider` is what a session really got (`get_providers()`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import os
 import platform
+import re
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -92,41 +105,13 @@ class Runner:
     def _resolve(self, requested: str) -> str:
         if requested == "cpu":
             return CPU
-        available = ort.get_available_providers()
-        if CUDA in available:
-            got = self._probe_cuda()
-            if got == CUDA:
-                return CUDA
-            why = "CUDAExecutionProvider is installed but could not load (no GPU, or CUDA/cuDNN libraries missing)"
-        else:
-            why = "this onnxruntime build has no CUDAExecutionProvider"
+        failure = cuda_failure()
+        if failure is None:
+            return CUDA
         if requested == "cuda":
-            raise UsageError(f"--provider cuda: {why}", "install CUDA and cuDNN for onnxruntime-gpu, or use --provider cpu")
-        self.notice = f"{why}; running on CPUExecutionProvider"
+            raise UsageError(f"--provider cuda: {failure.what}", failure.fix)
+        self.notice = f"{failure.what}; running on CPUExecutionProvider; {failure.fix}"
         return CPU
-
-    def _probe_cuda(self) -> str:
-        from onnx import TensorProto, helper
-
-        graph = helper.make_graph(
-            [helper.make_node("Identity", ["x"], ["y"])],
-            "probe",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-        )
-        probe = runtime_compatible(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
-        previous = _logger_severity(4)
-        try:
-            session = ort.InferenceSession(
-                probe.SerializeToString(), options, providers=[(CUDA, CUDA_OPTIONS), CPU]
-            )
-            return session.get_providers()[0]
-        except Exception:  # noqa: BLE001 - any failure to start CUDA means CPU
-            return CPU
-        finally:
-            _logger_severity(previous)
 
     @property
     def device(self) -> str:
@@ -142,7 +127,7 @@ class Runner:
         pays the same small wake-up cost instead, so comparisons stay fair.
         """
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures reach the user as exceptions, in one line
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.threads:
             options.intra_op_num_threads = self.threads
@@ -157,28 +142,63 @@ class Runner:
             raise UsageError(
                 f"onnxruntime cannot load {what}: {reason}", "check that the model is valid for this onnxruntime"
             ) from exc
-        return Session(session, self.provider)
+        return Session(session, self.provider, what)
+
+
+class RunError(UsageError):
+    """onnxruntime failed while running a model it had loaded: on these inputs the model cannot run.
+
+    `node` and `op` name where (onnxruntime says so in its message), `reason` its own words.
+    """
+
+    def __init__(self, what: str, node: str | None, op: str | None, reason: str):
+        where = f" at node {node!r} ({op})" if node else ""
+        super().__init__(f"onnxruntime fails running {what}{where}: {reason}",
+                         "give inputs the model accepts: --input-shape NAME:DIMS or --inputs DATA.npz")
+        self.node, self.op, self.reason = node, op, reason
+
+
+_NODE_FAILURE = re.compile(r"running (?P<op>[\w.]+) node\. Name:'(?P<node>[^']*)' Status Message: (?P<reason>.*)", re.S)
+
+
+_SOURCE_LOCATION = re.compile(r"^\S+\.(?:h|cc|cpp|cu):\d+ .*?\) (?=\S)")
+
+
+def run_error(exc: Exception, what: str) -> RunError:
+    """onnxruntime's run-time failure as a `RunError`: the failing node, when its message names
+    one, and onnxruntime's reason without the source file and function it was raised in."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    found = _NODE_FAILURE.search(text)
+    node, op, reason = (found["node"], found["op"], found["reason"]) if found else (None, None, text.split(" : ")[-1])
+    return RunError(what, node, op, _SOURCE_LOCATION.sub("", reason.strip()))
 
 
 class Session:
     """One onnxruntime session: run on feeds, or time repeated runs on them."""
 
-    def __init__(self, session: ort.InferenceSession, provider: str):
+    def __init__(self, session: ort.InferenceSession, provider: str, what: str = "the model"):
         self.ort = session
         self.provider = session.get_providers()[0]
         self.output_names = [o.name for o in session.get_outputs()]
         self.input_names = [i.name for i in session.get_inputs()]
         self._on_device = provider == CUDA and self.provider == CUDA
+        self.what = what
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Outputs as host arrays, in the session's output order."""
-        return self.ort.run(None, self._select(feeds))
+        """Outputs as host arrays, in the session's output order; a failure raises `RunError`."""
+        try:
+            return self.ort.run(None, self._select(feeds))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error classes
+            raise run_error(exc, self.what) from exc
 
     def _select(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {name: feeds[name] for name in self.input_names}
 
     def runner_for(self, feeds: dict[str, np.ndarray]):
-        """A zero-argument callable that runs once on these feeds, device-resident on CUDA."""
+        """A zero-argument callable that runs once on these feeds, device-resident on CUDA.
+
+        One checked run comes first, so inputs the model cannot run on raise `RunError` here."""
+        self.run(feeds)
         selected = self._select(feeds)
         if not self._on_device:
             return lambda: self.ort.run(None, selected)
@@ -243,8 +263,152 @@ def time_calls(calls: Sequence[Callable[[], object]], policy: TimingPolicy = Tim
     return [Timing.of(b) for b in samples]
 
 
+INSTALL_CUDA = "pip install 'onnxruntime-gpu[cuda,cudnn]>=1.31'"
+"""The one line that brings CUDA 13 and cuDNN 9 for onnxruntime-gpu (its own `cuda` and `cudnn` extras).
+
+It is what convlower's `cuda` extra installs, written so that it works however convlower itself was
+installed (convlower is installed from its checkout, `pip install -e '.[cuda]'`, not from PyPI).
+"""
+
+
+@dataclass(frozen=True)
+class CudaFailure:
+    """Why CUDAExecutionProvider cannot run here (`what`) and how to mend it (`fix`)."""
+
+    what: str
+    fix: str
+
+
+@functools.cache
+def cuda_failure() -> CudaFailure | None:
+    """None when a session really gets CUDAExecutionProvider, else why not and how to mend it.
+
+    Probed once per process: load the CUDA libraries (`preload_cuda_libraries`), then make a
+    one-node session asking for CUDA first. onnxruntime either raises, or falls back to CPU and
+    only logs why; both reasons are kept, with the libraries `preload_dlls` could not load.
+    """
+    if CUDA not in ort.get_available_providers():
+        return CudaFailure(
+            f"this onnxruntime ({ort.__version__}) is a build without CUDAExecutionProvider",
+            f"install onnxruntime-gpu in its place (x86_64 Linux or Windows): "
+            f"pip uninstall -y onnxruntime && {INSTALL_CUDA}",
+        )
+    preload_trouble = preload_cuda_libraries()
+    reason = _probe_cuda()
+    if reason is None:
+        return None
+    if preload_trouble:
+        reason += f" ({preload_trouble})"
+    return CudaFailure(
+        f"CUDAExecutionProvider could not load: {reason}",
+        f"for an NVIDIA GPU with its driver, install CUDA 13 and cuDNN 9 with {INSTALL_CUDA} (convlower's cuda extra)",
+    )
+
+
+def preload_cuda_libraries() -> str | None:
+    """Load the CUDA and cuDNN libraries with `onnxruntime.preload_dlls()`; None, or what went wrong.
+
+    `preload_dlls` (onnxruntime 1.21+) finds the libraries in the `nvidia-*` packages pip
+    installed, which a plain `dlopen` would not search. It prints what it could not load to
+    stdout, which would corrupt `--json` output, so its prints are caught here and only the
+    library names kept; its warnings are dropped, as the probe that follows says what failed.
+    Older onnxruntime has no `preload_dlls`; then the system's library path is all there is.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return None
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            preload()
+        except Exception as exc:  # noqa: BLE001 - a failed preload leaves the libraries to the system path
+            return f"preload_dlls failed: {exc}"
+    failed = [m.group(1) for m in map(_PRELOAD_FAILED.match, printed.getvalue().splitlines()) if m]
+    names = dict.fromkeys(os.path.basename(name) for name in failed)
+    return f"preload_dlls could not load {', '.join(names)}" if names else None
+
+
+_PRELOAD_FAILED = re.compile(r"Failed to load (\S+?): ")
+_ORT_LOG_LINE = re.compile(r"\[([EW]):onnxruntime:[^\]]*\] (.*)")
+_ORT_ERROR = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : (.*)")
+_LOAD_ERROR = re.compile(r"Failed to load library (\S+) with error: (.*)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _probe_cuda() -> str | None:
+    """None when a one-node session gets CUDAExecutionProvider, else onnxruntime's reason why not."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    probe = runtime_compatible(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    previous = _logger_severity(2)
+    log: list[str] = []
+    try:
+        with _stderr_into(log):
+            session = ort.InferenceSession(
+                probe.SerializeToString(), options, providers=[(CUDA, CUDA_OPTIONS), CPU]
+            )
+    except Exception as exc:  # noqa: BLE001 - any failure to start CUDA means CPU
+        return _ort_reason(str(exc)) or type(exc).__name__
+    finally:
+        _logger_severity(previous)
+    if session.get_providers()[0] == CUDA:
+        return None
+    return _logged_reason("".join(log)) or "onnxruntime fell back to CPUExecutionProvider without logging why"
+
+
+@contextlib.contextmanager
+def _stderr_into(log: list[str]):
+    """Send file descriptor 2 to a temporary file while the block runs, then append its text to `log`.
+
+    onnxruntime's C++ logger writes there directly, past `sys.stderr`; this is how its reason for
+    falling back to CPU is read (and kept off the user's terminal as a raw log line).
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            log.append(sink.read().decode(errors="replace"))
+
+
+def _logged_reason(log: str) -> str | None:
+    """onnxruntime's reason in its log: the error lines, else the warning lines, each made short."""
+    entries = [m.groups() for m in map(_ORT_LOG_LINE.search, _ANSI.sub("", log).splitlines()) if m]
+    for severity in ("E", "W"):
+        messages = [_ort_reason(text) for level, text in entries if level == severity]
+        if messages:
+            return "; ".join(dict.fromkeys(messages))
+    return None
+
+
+def _ort_reason(message: str) -> str:
+    """onnxruntime's message without its source location: `lib.so: dlerror` for a library that did not load."""
+    message = " ".join(message.split())
+    error = _ORT_ERROR.search(message)
+    if error:
+        message = error.group(1)
+    load = _LOAD_ERROR.search(message)
+    if load:
+        message = f"{os.path.basename(load.group(1))}: {load.group(2)}"
+    return message.strip()
+
+
 def _logger_severity(level: int) -> int:
-    """Set onnxruntime's default logger severity; returns the previous one (3 unless changed)."""
+    """Set onnxruntime's default logger severity; returns the previous one (2, onnxruntime's default, unless changed)."""
     previous = getattr(_logger_severity, "current", 2)
     ort.set_default_logger_severity(level)
     _logger_severity.current = level  # type: ignore[attr-defined]
@@ -271,3 +435,88 @@ def gpu_name() -> str:
         return out.stdout.strip() or "CUDA device 0"
     except (OSError, subprocess.SubprocessError):
         return "CUDA device 0"
+
+
+@dataclass(frozen=True)
+class PairedPolicy:
+    """How `time_paired` measures: rounds of `block` timed runs of each model back to back, from
+    `min_rounds` until the confidence interval of the ratio leaves out the threshold, or
+    `budget_s` / `max_rounds` is spent."""
+
+    warmup: int = 3
+    block: int = 3
+    min_rounds: int = 8
+    max_rounds: int = 400
+    budget_s: float = 8.0
+    confidence: float = 0.95
+    resamples: int = 2000
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """B's latency over A's: the geometric mean of per-round ratios, with a bootstrap interval.
+
+    Each round times A and B back to back (the order alternating), so drift on a shared machine
+    (another process, a clock change) moves both sides of a round alike and cancels in its ratio;
+    the interval is over rounds, the unit that is independent."""
+
+    ratio: float
+    low: float
+    high: float
+    confidence: float
+    rounds: int
+    a: Timing
+    b: Timing
+
+    def to_dict(self) -> dict[str, object]:
+        return {"ratio": round(self.ratio, 4), "interval": [round(self.low, 4), round(self.high, 4)],
+                "confidence": self.confidence, "rounds": self.rounds,
+                "a_median_ms": self.a.median_ms, "b_median_ms": self.b.median_ms}
+
+
+def time_paired(
+    a: Callable[[], object], b: Callable[[], object], policy: PairedPolicy = PairedPolicy(), threshold: float | None = None
+) -> PairedRatio:
+    """Time B against A in paired rounds until the interval of B/A is clear of `threshold`
+    (entirely below or above it) or the budget is spent; without a threshold, until the interval
+    is narrower than 2% or the budget is spent."""
+    for call in (a, b):
+        for _ in range(policy.warmup):
+            call()
+    samples: tuple[list[float], list[float]] = ([], [])
+    log_ratios: list[float] = []
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    low = high = 1.0
+    while True:
+        order = (0, 1) if len(log_ratios) % 2 == 0 else (1, 0)
+        medians = [0.0, 0.0]
+        for index in order:
+            call = (a, b)[index]
+            call()
+            block = []
+            for _ in range(policy.block):
+                t0 = time.perf_counter()
+                call()
+                block.append((time.perf_counter() - t0) * 1e3)
+            samples[index].extend(block)
+            medians[index] = statistics.median(block)
+        log_ratios.append(float(np.log(medians[1] / medians[0])) if medians[0] > 0 and medians[1] > 0 else 0.0)
+        rounds = len(log_ratios)
+        if rounds < policy.min_rounds:
+            continue
+        low, high = _bootstrap_interval(np.array(log_ratios), policy, rng)
+        clear = high < threshold or low > threshold if threshold is not None else high / low < 1.02
+        if clear or rounds >= policy.max_rounds or time.perf_counter() - start > policy.budget_s:
+            break
+    return PairedRatio(float(np.exp(np.mean(log_ratios))), low, high, policy.confidence, len(log_ratios),
+                       Timing.of(samples[0]), Timing.of(samples[1]))
+
+
+def _bootstrap_interval(log_ratios: np.ndarray, policy: PairedPolicy, rng: np.random.Generator) -> tuple[float, float]:
+    """Percentile bootstrap interval of the geometric-mean ratio."""
+    picks = rng.integers(0, len(log_ratios), size=(policy.resamples, len(log_ratios)))
+    means = log_ratios[picks].mean(axis=1)
+    tail = (1 - policy.confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(np.exp(low)), float(np.exp(high))

@@ -7,7 +7,10 @@ Tuning and verification need concrete shapes. The user gives them with
 - `DEFAULT_DIM` (64) for any other axis;
 
 and convlower warns on stderr (`convlower.console.warn`), naming the input, the axis and the dim.
-Dims with the same symbolic name take the same value across inputs.
+Dims with the same symbolic name take the same value across inputs. A dim is symbolic when it
+has a name (`dim_param`), when it has neither a name nor a value, and when its value is negative:
+Paddle2ONNX declares a dynamic batch as `dim_value: -1` and other dims as `dim_param: "?"`. Such
+unnamed dims ("", "?", negative) are each a dim of their own, never tied to another.
 """
 
 from __future__ import annotations
@@ -59,10 +62,15 @@ def graph_inputs(model: onnx.ModelProto) -> list[InputInfo]:
     return infos
 
 
+UNNAMED_DIM_PARAMS = frozenset({"", "?"})
+"""dim_params that name nothing: exporters write them for "unknown", not for a shared symbol."""
+
+
 def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    """A declared dim: its value, its symbol's name, or None for an unnamed symbolic dim."""
     if d.HasField("dim_value"):
-        return d.dim_value
-    if d.HasField("dim_param"):
+        return d.dim_value if d.dim_value >= 0 else None
+    if d.HasField("dim_param") and d.dim_param not in UNNAMED_DIM_PARAMS:
         return d.dim_param
     return None
 

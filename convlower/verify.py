@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from .inputs import Feeds, load_npz, random_inputs
+from .inputs import Feeds, complete_feeds, feeds_shapes, load_npz
 from .modelio import ModelLike, load_model
-from .runner import Runner
-from .shapes import graph_inputs, resolve_shapes
+from .runner import RunError, Runner
+from .shapes import InputInfo, graph_inputs, resolve_shapes
 
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
     "float64": (1e-7, 1e-6),
@@ -174,13 +174,21 @@ def input_sets(
     runs: int = 3,
     seed: int = 0,
 ) -> list[Feeds]:
-    """The feeds to compare on: the given arrays once, or `runs` seeded random sets."""
+    """The feeds to compare on: the given arrays once when they cover every input, else `runs`
+    seeded sets in which the inputs not given are random (the given ones fixed)."""
     infos = graph_inputs(model)
-    if inputs is not None:
-        feeds = load_npz(inputs, infos) if not isinstance(inputs, dict) else dict(inputs)
-        return [feeds]
-    shapes = resolve_shapes(infos, input_shapes)
-    return [random_inputs(infos, shapes, seed=seed + i) for i in range(runs)]
+    given = given_arrays(infos, inputs)
+    if all(info.name in given for info in infos):
+        return [given]
+    shapes = resolve_shapes(infos, {**(input_shapes or {}), **feeds_shapes(given)})
+    return [complete_feeds(infos, given, shapes, seed=seed + i) for i in range(runs)]
+
+
+def given_arrays(infos: list[InputInfo], inputs: str | Feeds | None) -> Feeds:
+    """The arrays the user gave, by input name: from an .npz path or a dict; none when None."""
+    if inputs is None:
+        return {}
+    return load_npz(inputs, infos) if not isinstance(inputs, dict) else dict(inputs)
 
 
 def verify(
@@ -212,7 +220,10 @@ def verify(
     per_output: dict[str, list[OutputDiff]] = {}
     for feeds in sets:
         ref_out = ref_session.run(feeds)
-        cand_out = dict(zip(cand_session.output_names, cand_session.run(feeds)))
+        try:
+            cand_out = dict(zip(cand_session.output_names, cand_session.run(feeds)))
+        except RunError as exc:
+            return VerifyResult([], len(sets), runner.provider, [f"the candidate fails where the reference runs: {exc.what}"])
         for name, value in zip(ref_session.output_names, ref_out):
             per_output.setdefault(name, []).append(compare(name, value, cand_out[name], atol, rtol))
     return VerifyResult([merge(d) for d in per_output.values()], len(sets), runner.provider)

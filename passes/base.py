@@ -131,6 +131,25 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
+def int_attr(node: gs.Node, name: str, default: int) -> int:
+    """An integer attribute; a malformed one (a string, a float, a list) is NotLowerable, not a crash."""
+    value = node.attrs.get(name, default)
+    if not _is_int(value):
+        raise NotLowerable(f"attribute {name}={value!r} is not an integer")
+    return int(value)
+
+
+def quantized_operands(node: gs.Node) -> str | None:
+    """Why a Conv-like node belongs to a quantized (QDQ) model, or None: its data or weight comes
+    from DequantizeLinear. onnxruntime fuses DequantizeLinear → Conv → QuantizeLinear into
+    QLinearConv; a lowered node would break that fusion and run in float."""
+    for role, tensor in zip(("input", "weight"), node.inputs):
+        if len(tensor.inputs) == 1 and tensor.inputs[0].op == "DequantizeLinear":
+            return (f"its {role} comes from DequantizeLinear (a quantized QDQ model, which onnxruntime "
+                    "runs as QLinearConv); lowering it would run it in float")
+    return None
+
+
 def static_shape(tensor: gs.Tensor) -> tuple[Dim, ...] | None:
     """The tensor's shape with symbolic dims as None; None when even the rank is unknown."""
     shape = tensor.shape
@@ -165,10 +184,22 @@ def float_dtype(x: gs.Tensor) -> str:
 
 def positive_ints(values: Sequence[int], rank: int, what: str) -> tuple[int, ...]:
     """An attribute of `rank` positive ints (strides, dilations, ...); raises NotLowerable otherwise."""
-    ints = tuple(values)
-    if len(ints) != rank or any(v is None or v < 1 for v in ints):
+    ints = tuple(values) if isinstance(values, (list, tuple, np.ndarray)) else (values,)
+    if len(ints) != rank or any(not _is_int(v) or v < 1 for v in ints):
         raise NotLowerable(f"{what} {list(ints)} is not {rank} positive integer(s)")
     return tuple(int(v) for v in ints)
+
+
+def non_negative_ints(values: Sequence[int], count: int, what: str) -> tuple[int, ...]:
+    """An attribute of `count` integers >= 0 (pads, output_padding); raises NotLowerable otherwise."""
+    ints = tuple(values) if isinstance(values, (list, tuple, np.ndarray)) else (values,)
+    if len(ints) != count or any(not _is_int(v) or v < 0 for v in ints):
+        raise NotLowerable(f"{what} {list(ints)} is not {count} non-negative integer(s)")
+    return tuple(int(v) for v in ints)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def attr_text(value: str | bytes) -> str:

@@ -38,6 +38,7 @@ from .base import (
     SimpleVariant,
     constant_value,
     float_dtype,
+    non_negative_ints,
     positive_ints,
     spec_key,
     static_shape,
@@ -48,14 +49,6 @@ COL2IM_OPSET = 18
 
 COL2IM_DILATION_BUG = "onnxruntime's CPU Col2Im (checked on 1.31) miscomputes dilated images that are not 2-D"
 """Its 2-D kernel is right; its N-D one misplaces taps when a dilation is > 1 (compared with onnx.reference)."""
-
-
-def non_negative_ints(values: Sequence[int], count: int, what: str) -> tuple[int, ...]:
-    """`count` integers >= 0 (pads, output_padding); NotLowerable otherwise."""
-    ints = tuple(int(v) for v in values)
-    if len(ints) != count or min(ints) < 0:
-        raise NotLowerable(f"{what} {list(ints)} is not {count} non-negative integer(s)")
-    return ints
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,9 @@ import onnx_graphsurgeon as gs
 from . import register
 from .base import (
     Builder,
+    int_attr,
+    non_negative_ints,
+    quantized_operands,
     Dim,
     GroupedKernelSizes,
     NotLowerable,
@@ -112,6 +115,9 @@ def make_spec(node: gs.Node, opset: int) -> ConvSpec:
     """The spec of one Conv node; raises NotLowerable with the reason where it cannot be described."""
     x, weight = node.inputs[0], node.inputs[1]
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    quantized = quantized_operands(node)
+    if quantized:
+        raise NotLowerable(quantized)
     dtype = float_dtype(x)
     x_shape = static_shape(x)
     if x_shape is None:
@@ -122,7 +128,7 @@ def make_spec(node: gs.Node, opset: int) -> ConvSpec:
     w_shape = static_shape(weight)
     if w_shape is None or len(w_shape) != rank + 2:
         raise NotLowerable(f"the weight's shape is unknown or not of rank {rank + 2}")
-    group = int(node.attrs.get("group", 1))
+    group = int_attr(node, "group", 1)
     out_channels = _known(w_shape[0], "the weight's output-channel dim")
     if group < 1 or out_channels % group:
         raise NotLowerable(f"group={group} does not divide the {out_channels} output channels")
@@ -188,9 +194,7 @@ def _resolve_padding(
     if auto_pad == "VALID":
         pads = (0,) * (2 * rank)
     elif auto_pad == "NOTSET":
-        pads = tuple(int(p) for p in (pads_attr if pads_attr is not None else [0] * (2 * rank)))
-        if len(pads) != 2 * rank or min(pads) < 0:
-            raise NotLowerable(f"pads {list(pads)} are not {2 * rank} non-negative integers")
+        pads = non_negative_ints(pads_attr if pads_attr is not None else [0] * (2 * rank), 2 * rank, "pads")
     else:
         raise NotLowerable(f"auto_pad={auto_pad!r} is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER")
     out = []

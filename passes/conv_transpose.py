@@ -52,6 +52,9 @@ import onnx_graphsurgeon as gs
 from . import register
 from .base import (
     Builder,
+    int_attr,
+    non_negative_ints,
+    quantized_operands,
     Dim,
     GroupedKernelSizes,
     NotLowerable,
@@ -67,7 +70,7 @@ from .base import (
     spec_key,
     static_shape,
 )
-from .col2im import COL2IM_DILATION_BUG, COL2IM_OPSET, cut, interleave, non_negative_ints, plan_window, window
+from .col2im import COL2IM_DILATION_BUG, COL2IM_OPSET, cut, interleave, plan_window, window
 from .conv import operands
 
 _SLICE_TO_START = np.iinfo(np.int64).min
@@ -129,6 +132,9 @@ def make_spec(node: gs.Node, opset: int) -> ConvTransposeSpec:
     """The spec of one ConvTranspose node; raises NotLowerable with the reason where it cannot be described."""
     x, weight = node.inputs[0], node.inputs[1]
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    quantized = quantized_operands(node)
+    if quantized:
+        raise NotLowerable(quantized)
     dtype = float_dtype(x)
     w_shape = static_shape(weight)
     if w_shape is None or len(w_shape) < 3 or None in w_shape:
@@ -139,7 +145,7 @@ def make_spec(node: gs.Node, opset: int) -> ConvTransposeSpec:
     x_shape = static_shape(x) or (None,) * (rank + 2)
     if len(x_shape) != rank + 2:
         raise NotLowerable(f"the input has rank {len(x_shape)}, the weight {rank + 2}")
-    in_channels, group = w_shape[0], int(node.attrs.get("group", 1))
+    in_channels, group = w_shape[0], int_attr(node, "group", 1)
     if group < 1 or in_channels % group:
         raise NotLowerable(f"group={group} does not divide the {in_channels} input channels")
     if x_shape[1] is not None and x_shape[1] != in_channels:

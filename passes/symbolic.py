@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from onnx.reference import ReferenceEvaluator
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from convlower.shapes import infer_shapes
+from convlower.shapes import UNNAMED_DIM_PARAMS, infer_shapes
 
 from .base import Dim, constant_value, static_shape
 from .local_functions import attach_functions
@@ -134,7 +134,7 @@ def trial_bindings(graph: gs.Graph) -> list[dict[str, tuple[int, ...]]]:
 
 
 def _dim_key(tensor: gs.Tensor, axis: int, dim: object) -> object:
-    return dim if isinstance(dim, str) and dim else (tensor.name, axis)
+    return dim if isinstance(dim, str) and dim not in UNNAMED_DIM_PARAMS else (tensor.name, axis)
 
 
 def trial_graphs(graph: gs.Graph, opset: int) -> list[gs.Graph]:
@@ -162,7 +162,7 @@ def _bound(model: onnx.ModelProto, graph: gs.Graph, binding: dict[str, tuple[int
     the input dims' names (the dynamo exporter records `batch`, `H`, ...) take the trial sizes, so
     inference starts from what the exporter knew, not from nothing."""
     sizes = {dim: size for t in graph.inputs for dim, size in zip(t.shape or (), binding.get(t.name, ()))
-             if isinstance(dim, str) and dim}
+             if isinstance(dim, str) and dim not in UNNAMED_DIM_PARAMS}
     bound = onnx.ModelProto()
     bound.CopyFrom(model)
     for value in list(bound.graph.input) + list(bound.graph.value_info) + list(bound.graph.output):

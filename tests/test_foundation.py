@@ -306,7 +306,8 @@ def test_bench_two_models_interleaved(model_path: Path, capsys: pytest.CaptureFi
     assert cli("bench", model_path, model_path, "--provider", "cpu", "--runs", "20", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["provider"] == "CPUExecutionProvider" and len(report["models"]) == 2
-    assert report["ratio"] > 0 and all(m["runs"] >= 10 for m in report["models"])
+    assert report["interval"][0] <= report["ratio"] <= report["interval"][1] and report["confidence"] == 0.95
+    assert all(m["runs"] == 3 * report["rounds"] <= 20 for m in report["models"])
 
 
 def test_inspect_lists_conv_nodes(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 import convlower
 from convlower.cache import TuningCache
 from convlower.models.builders import conv_block
-from convlower.optimize import GUARD_ROUNDS, _cached, _guard
+from convlower.optimize import GUARD_ROUNDS, MODEL_MIN_GAIN, MODEL_POLICY, _cached, _guard
 from convlower.passes import FAMILIES, Builder, SimpleVariant
 from convlower.passes.conv import ConvSpec, build_native, why_not_native
 from convlower.report import NodeReport, Report
@@ -152,12 +152,29 @@ def test_guard_reverts_a_choice_that_makes_the_model_slower(block: onnx.ModelPro
     kept = _guard(block, slow, {"conv1": "slow_native"}, report, runner, BLOCK_SHAPES, None, None, None)
     assert kept is block
     assert report.reverted == ["conv1"] and report.nodes[0].chosen == ORIGINAL
-    assert report.nodes[0].reason.startswith("reverted from slow_native: the optimized model was not faster")
+    assert report.nodes[0].reason.startswith("reverted from slow_native: the optimized model was not shown 1% faster")
     verification = report.verification
     assert verification["passed"] is True and verification["unchanged"] is True
     assert verification["max_abs_err"] < 1e-5 and "not faster" in verification["reason"]
     assert "outputs agreed but the optimized model was not faster" in report.summary()
     assert "wrote the input unchanged" in report.summary() and "end to end" not in report.summary()
+    low, high = report.guard_timings[-1]["interval"]
+    assert low > 1 and report.guard_timings[-1]["confidence"] == 0.95, "the slow candidate's whole interval is above 1"
+
+
+def test_guard_keeps_a_faster_model_and_reports_the_interval(block: onnx.ModelProto, extra_conv_variants) -> None:
+    """The slow model as the original and the block as its optimized form: kept at once, with the
+    paired ratio's interval wholly below 1 - MODEL_MIN_GAIN in the report and the summary."""
+    extra_conv_variants(slow_native(*BLOCK_SLOW))
+    runner = Runner("cpu")
+    report = guard_report(runner, {"conv1": ("slow_native", 1.0, 0.5)})
+    slow = apply_choices(block, {"conv1": "slow_native"})
+    assert _guard(slow, block, {"conv1": "slow_native"}, report, runner, BLOCK_SHAPES, None, None, None) is block
+    assert report.reverted == [] and report.verification["unchanged"] is False
+    (check,) = json.loads(report.to_json())["guard"]["timings"]
+    assert check["interval"][0] <= check["ratio"] <= check["interval"][1] < 1 - MODEL_MIN_GAIN
+    assert check["rounds"] >= MODEL_POLICY.min_rounds
+    assert "x end to end" in report.summary() and "95% interval" in report.summary()
 
 
 def chain_model(names: Sequence[str]) -> onnx.ModelProto:
@@ -194,7 +211,7 @@ def test_guard_reverts_least_predicted_gain_first_then_all_once_the_budget_is_sp
     assert report.reverted == one_by_one + at_once, "least predicted gain first, then the rest in node order"
     reasons = {n.name: n.reason for n in report.nodes}
     for name in one_by_one:
-        assert "not faster" in reasons[name]
+        assert "not shown 1% faster" in reasons[name]
     for name in at_once:
         assert "revert budget is spent" in reasons[name]
     assert all(n.chosen == ORIGINAL for n in report.nodes)
@@ -203,7 +220,7 @@ def test_guard_reverts_least_predicted_gain_first_then_all_once_the_budget_is_sp
 
 def test_guard_with_nothing_to_check_runs_nothing(block: onnx.ModelProto) -> None:
     runner = Runner("cpu")
-    report = guard_report(runner, {})
+    report = guard_report(runner, {"conv": (ORIGINAL, 1.0, 1.0)})
     assert _guard(block, block, {}, report, runner, BLOCK_SHAPES, None, None, None) is block
     assert report.verification == {"unchanged": True} and report.original_ms is None
     assert "no variant beat the original; wrote the input unchanged" in report.summary()
