@@ -172,6 +172,9 @@ class Run:
     max_error: float | None = None
     tuning_s: float | None = None
     ab_ratio: float | None = None
+    ab_interval: tuple[float, float] | None = None
+    unlowered: str = ""
+    """Conv-like ops the report says convlower has no lowering for (e.g. ConvInteger)."""
     provider: str = ""
     seconds: float = 0.0
 
@@ -179,9 +182,14 @@ class Run:
         def num(value: float | None, fmt: str) -> str:
             return format(value, fmt) if value is not None else "-"
         lowered = f"{self.lowered}/{self.nodes}" if self.nodes is not None else "-"
+        if self.unlowered:
+            lowered += f" ({self.unlowered} not lowerable)"
+        ab = num(self.ab_ratio, ".2f") + ("x" if self.ab_ratio else "")
+        if self.ab_interval:
+            ab += f" [{self.ab_interval[0]:.2f}-{self.ab_interval[1]:.2f}]"
         return [self.model.name, " ".join(self.options) or "(none)", str(self.exit_code), lowered,
                 num(self.guard_speedup, ".2f") + ("x" if self.guard_speedup else "") + (" (unchanged)" if self.unchanged else ""),
-                num(self.ab_ratio, ".2f") + ("x" if self.ab_ratio else ""),
+                ab,
                 num(self.max_error, ".2e") + (f" ({self.verified})" if self.verified else ""),
                 num(self.tuning_s, ".1f"), f"{self.seconds:.0f}", self.message.replace("|", "\\|")]
 
@@ -220,6 +228,7 @@ def run_one(model: Model, path: Path, options: tuple[str, ...], work: Path, time
     run.lowered = sum(1 for n in report["nodes"] if n["chosen"] != "original")
     run.guard_speedup = report["model"]["speedup"]
     run.unchanged = bool(report["verification"].get("unchanged"))
+    run.unlowered = ", ".join(f"{count} {op}" for op, count in report.get("unlowered_ops", {}).items())
     run.tuning_s = report["tuning"].get("seconds")
     run.provider = f"{report['provider']} ({report['device']})"
     checked = _convlower(["verify", str(path), str(out), "--json", *options], timeout)
@@ -232,7 +241,9 @@ def run_one(model: Model, path: Path, options: tuple[str, ...], work: Path, time
         run.message = "verify: " + _last_line(checked.stderr)
     timed = _convlower(["bench", str(path), str(out), "--json", "--runs", "100", *options], timeout)
     try:
-        run.ab_ratio = json.loads(timed.stdout)["ratio"]
+        timing = json.loads(timed.stdout)
+        run.ab_ratio = timing["ratio"]
+        run.ab_interval = tuple(timing["interval"]) if timing.get("interval") else None
     except (json.JSONDecodeError, KeyError):
         run.message = (run.message + "; " if run.message else "") + f"bench exit {timed.returncode}: " + _last_line(timed.stderr)
     return run
@@ -303,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     results = markdown([r.cells() for r in runs], HEADER)
     footer = (f"execution provider: {', '.join(providers) or 'none ran'}; onnxruntime "
               f"{_ort_version()}; guard speedup = the report's original_ms / optimized_ms; A/B speedup = "
-              "`convlower bench MODEL OUT` ratio; lowered / nodes = report nodes whose choice is not 'original'")
+              "`convlower bench MODEL OUT` ratio [95% interval]; lowered / nodes = report nodes whose choice is not 'original'")
     print("\n" + results + "\n\n" + footer)
     if args.markdown:
         args.markdown.write_text(f"## Corpus\n\n{corpus}\n\n## Results\n\n{results}\n\n{footer}\n")
