@@ -3,6 +3,9 @@
 Public API: `optimize`, `verify`, `lower`, `bench`, `inspect_model`, and `convlower.testing.assert_equivalent`.
 """
 
+__version__ = "0.1.0"
+"""Defined before the submodules are imported: optimize records it in the models it writes."""
+
 from .bench import bench
 from .errors import ConvlowerError, UsageError, VerificationError
 from .export import export
@@ -10,7 +13,5 @@ from .inspect import inspect_model
 from .lower import lower
 from .optimize import OptimizeResult, optimize
 from .verify import verify
-
-__version__ = "0.1.0"
 
 __all__ = ["ConvlowerError", "UsageError", "VerificationError", "bench", "export", "inspect_model", "lower", "optimize", "OptimizeResult", "verify"]

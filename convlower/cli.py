@@ -29,7 +29,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_shapes(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS",
-                   help="profiling shape of an input, e.g. x:1x3x224x224 (binds its symbolic dims)")
+                   help="profiling shape of an input, e.g. x:1x3x224x224 (binds its symbolic dims); "
+                        "optimize: name an input again for another profile")
     p.add_argument("--inputs", metavar="DATA.npz", help="real input arrays by input name")
 
 
@@ -57,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", action="append", default=[], metavar="OP=V1,V2", help="limit the variants tried for an op")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default by dtype)")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default by dtype)")
-    p.add_argument("--no-guard", action="store_true", help="skip the whole-model check and timing")
+    p.add_argument("--no-confirm", action="store_true",
+                   help="trust the per-node timings: skip confirming each group's choice in the whole model")
+    p.add_argument("--no-guard", action="store_true", help="skip the whole-model check and timing (and the confirmation)")
     p.add_argument("--force", action="store_true", help="allow the output to overwrite the input")
 
     p = sub.add_parser("verify", help="check two models compute the same outputs (exit 0 equal, 1 not)")
@@ -97,7 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    return dict(parse_input_shape(item) for item in items)
+    """One shape per input, for the commands that run at one profile."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in map(parse_input_shape, items):
+        if name in shapes:
+            raise UsageError(f"--input-shape names {name!r} twice", "several profiles are for optimize; give one shape here")
+        shapes[name] = shape
+    return shapes
+
+
+def _profiles(items: Sequence[str]) -> dict[str, list[tuple[int, ...]]]:
+    """Shapes by input name in the order given; naming an input again adds a profile."""
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    for name, shape in map(parse_input_shape, items):
+        shapes.setdefault(name, []).append(shape)
+    return shapes
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
@@ -110,9 +127,9 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     report_path = check_output_path(args.report or out.with_suffix(".json"), protect=args.model, force=args.force)
     cache = None if args.no_cache else (args.cache or USE_DEFAULT_CACHE)
     result = optimize(
-        args.model, input_shapes=_shapes(args.input_shape), inputs=args.inputs, provider=args.provider,
+        args.model, input_shapes=_profiles(args.input_shape), inputs=args.inputs, provider=args.provider,
         threads=args.threads, cache=cache, variants=args.variants, atol=args.atol, rtol=args.rtol,
-        guard=not args.no_guard, progress=sys.stderr.isatty(),
+        guard=not args.no_guard, confirm=not args.no_confirm, progress=sys.stderr.isatty(),
     )
     save_model(result.model, out, protect=args.model, force=args.force)
     write_text_atomic(report_path, result.report.to_json())

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
@@ -28,6 +29,10 @@ class NodeReport:
     reason: str | None = None
     recognized: bool = False
     """Made by a recognizer from an exported idiom: `original_ms` is then its canonical function body's."""
+    context: dict[str, Any] | None = None
+    """The choice confirmed in the whole model: time ratio with/without it, its interval, kept or not."""
+    profiles: list[dict[str, Any]] | None = None
+    """With several shape profiles: each one's input shapes, original median and variant outcomes."""
 
     @property
     def chosen_ms(self) -> float | None:
@@ -47,6 +52,10 @@ class NodeReport:
         }
         if self.reason:
             data["reason"] = self.reason
+        if self.context:
+            data["context"] = self.context
+        if self.profiles:
+            data["profiles"] = self.profiles
         return data
 
 
@@ -61,6 +70,9 @@ class Report:
     verification: dict[str, Any] = field(default_factory=dict)
     reverted: list[str] = field(default_factory=list)
     guard_timings: list[dict[str, Any]] = field(default_factory=list)
+    profiles: list[dict[str, Any]] = field(default_factory=list)
+    """The shape profiles tuned for: each one's input shapes and, once the guard timed it, its
+    original and optimized medians, speedup and the speedup's interval."""
     """Each whole-model check of the guard: time ratio optimized/original, its interval, rounds."""
     notices: list[str] = field(default_factory=list)
     tuning: dict[str, Any] = field(default_factory=dict)
@@ -71,17 +83,27 @@ class Report:
     @property
     def speedup(self) -> float | None:
         """The guard's last paired estimate (original over optimized), else the ratio of medians."""
-        if self.guard_timings:
-            return 1 / self.guard_timings[-1]["ratio"]
+        check = self._primary_check()
+        if check:
+            return 1 / check["ratio"]
         if not self.original_ms or not self.optimized_ms:
             return None
         return self.original_ms / self.optimized_ms
 
     @property
     def predicted_speedup(self) -> float | None:
-        """What the per-node choices predict for the whole model: its original time over that time
-        less every kept choice's measured gain. Set beside `speedup`, it says how well the node
-        timings carry over to the model."""
+        """What the kept choices predict for the whole model, beside the measured `speedup`: the
+        product of the in-context ratios of the groups confirmed in the whole model, else (no
+        confirmation ran) `isolated_predicted_speedup`."""
+        kept = {id(n.context): n.context["ratio"] for n in self.nodes if n.context and n.context["kept"] and n.chosen != "original"}
+        if not kept:
+            return self.isolated_predicted_speedup
+        return 1 / float(np.prod(list(kept.values())))
+
+    @property
+    def isolated_predicted_speedup(self) -> float | None:
+        """What the nodes timed alone predict: the model's original time over that time less every
+        kept choice's gain measured alone."""
         if not self.original_ms:
             return None
         gain = sum(n.original_ms - n.chosen_ms for n in self.nodes
@@ -93,10 +115,11 @@ class Report:
             "provider": self.provider,
             "device": self.device,
             "onnxruntime": self.onnxruntime,
+            "profiles": self.profiles,
             "threads": self.threads,
             "nodes": [n.to_dict() for n in self.nodes],
             "model": {"original_ms": self.original_ms, "optimized_ms": self.optimized_ms, "speedup": self.speedup,
-                      "predicted_speedup": self.predicted_speedup},
+                      "predicted_speedup": self.predicted_speedup, "isolated_predicted_speedup": self.isolated_predicted_speedup},
             "verification": self.verification,
             "guard": {"reverted": self.reverted, "timings": self.guard_timings},
             "tuning": self.tuning,
@@ -136,7 +159,9 @@ class Report:
             return (f"nothing to lower: {why}" + (f"; found {found}, which convlower does not lower" if found else "")
                     + f"; wrote the input unchanged; {where}")
         lowered = sum(1 for n in self.nodes if n.chosen != "original")
-        counted = f"{lowered} of {len(self.nodes)} node(s) lowered" + (f" ({len(self.reverted)} reverted)" if self.reverted else "")
+        lost = sum(1 for n in self.nodes if n.context and not n.context["kept"])
+        notes = ([f"{lost} won alone but not in the whole model"] if lost else []) + ([f"{len(self.reverted)} reverted"] if self.reverted else [])
+        counted = f"{lowered} of {len(self.nodes)} node(s) lowered" + (f" ({'; '.join(notes)})" if notes else "")
         if found:
             counted += f" ({found} not lowered: convlower has no variants for them)"
         check = self.verification
@@ -148,7 +173,7 @@ class Report:
         elif check.get("passed"):
             outcome = f"{self._speed()}; verified"
         elif check.get("unchanged"):
-            outcome = "no variant beat the original; wrote the input unchanged"
+            outcome = ("no choice held in the whole model" if lost else "no variant beat the original") + "; wrote the input unchanged"
         else:
             outcome = f"{self._speed()}; NOT verified" + (" (guard off)" if check.get("skipped") else "")
         return f"{counted}; {outcome}; {where}"
@@ -157,15 +182,28 @@ class Report:
         if not self.speedup:
             return "end-to-end timing skipped"
         interval = ""
-        if self.guard_timings:
-            low, high = self.guard_timings[-1]["interval"]
-            interval = f", {self.guard_timings[-1]['confidence']:.0%} interval {1 / high:.2f}-{1 / low:.2f}x"
-        return f"{self.speedup:.2f}x end to end ({_ms(self.original_ms)} -> {_ms(self.optimized_ms)} ms{interval})"
+        check = self._primary_check()
+        if check:
+            low, high = check["interval"]
+            interval = f", {check['confidence']:.0%} interval {1 / high:.2f}-{1 / low:.2f}x"
+        text = f"{self.speedup:.2f}x end to end ({_ms(self.original_ms)} -> {_ms(self.optimized_ms)} ms{interval})"
+        others = [p for p in self.profiles[1:] if p.get("speedup")]
+        if others:
+            text += "".join(f"; {p['speedup']:.2f}x at {_profile_text(p)}" for p in others)
+        return text
+
+    def _primary_check(self) -> dict[str, Any] | None:
+        """The guard's last timing of the first profile."""
+        return next((t for t in reversed(self.guard_timings) if t.get("profile", 0) == 0), None)
 
     def __str__(self) -> str:
         console = Console(width=160, record=True, file=io.StringIO())
         console.print(self.table())
         return console.export_text() + self.summary()
+
+
+def _profile_text(profile: dict[str, Any]) -> str:
+    return " ".join(f"{name} {'x'.join(map(str, dims))}" for name, dims in profile["shapes"].items())
 
 
 def _ms(value: float | None) -> str:

@@ -445,7 +445,7 @@ class PairedPolicy:
 
     warmup: int = 3
     block: int = 3
-    min_rounds: int = 8
+    min_rounds: int = 10
     max_rounds: int = 400
     budget_s: float = 8.0
     confidence: float = 0.95
@@ -454,11 +454,12 @@ class PairedPolicy:
 
 @dataclass(frozen=True)
 class PairedRatio:
-    """B's latency over A's: the geometric mean of per-round ratios, with a bootstrap interval.
+    """B's latency over A's: the median of per-round ratios, with a bootstrap interval.
 
     Each round times A and B back to back (the order alternating), so drift on a shared machine
     (another process, a clock change) moves both sides of a round alike and cancels in its ratio;
-    the interval is over rounds, the unit that is independent."""
+    the interval is over rounds, the unit that is independent. The median, not the mean, so that
+    a burst of load on another process that hits one side of a few rounds does not decide."""
 
     ratio: float
     low: float
@@ -509,14 +510,14 @@ def time_paired(
         clear = high < threshold or low > threshold if threshold is not None else high / low < 1.02
         if clear or rounds >= policy.max_rounds or time.perf_counter() - start > policy.budget_s:
             break
-    return PairedRatio(float(np.exp(np.mean(log_ratios))), low, high, policy.confidence, len(log_ratios),
+    return PairedRatio(float(np.exp(np.median(log_ratios))), low, high, policy.confidence, len(log_ratios),
                        Timing.of(samples[0]), Timing.of(samples[1]))
 
 
 def _bootstrap_interval(log_ratios: np.ndarray, policy: PairedPolicy, rng: np.random.Generator) -> tuple[float, float]:
-    """Percentile bootstrap interval of the geometric-mean ratio."""
+    """Percentile bootstrap interval of the median ratio."""
     picks = rng.integers(0, len(log_ratios), size=(policy.resamples, len(log_ratios)))
-    means = log_ratios[picks].mean(axis=1)
+    medians = np.median(log_ratios[picks], axis=1)
     tail = (1 - policy.confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
+    low, high = np.percentile(medians, [tail, 100 - tail])
     return float(np.exp(low)), float(np.exp(high))

@@ -87,6 +87,30 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
+ShapeProfiles = dict[str, "tuple[int, ...] | list[tuple[int, ...]]"]
+
+
+def shape_profiles(input_shapes: ShapeProfiles | None) -> list[dict[str, tuple[int, ...]]]:
+    """Profiles from shapes by input name, where an input may have several shapes, as with
+    TensorRT's optimization profiles: `{"x": [(1, 3, 320, 320), (1, 3, 960, 960)]}` is two
+    profiles. Profile i takes each input's i-th shape; an input with one shape has it in every
+    profile. No shapes at all is one empty profile (every symbolic dim then takes its default)."""
+    lists = {name: [tuple(s)] if _is_one_shape(s) else [tuple(x) for x in s] for name, s in (input_shapes or {}).items()}
+    counts = {len(shapes) for shapes in lists.values()} - {1}
+    if len(counts) > 1 or any(not shapes for shapes in lists.values()):
+        raise UsageError(
+            "--input-shape: inputs named several times are named different numbers of times "
+            + ", ".join(f"({name} {len(shapes)}x)" for name, shapes in lists.items()),
+            "name each input once (the same shape in every profile) or once per profile",
+        )
+    total = max(counts, default=1)
+    return [{name: shapes[i] if len(shapes) > 1 else shapes[0] for name, shapes in lists.items()} for i in range(total)]
+
+
+def _is_one_shape(value: object) -> bool:
+    return isinstance(value, (tuple, list)) and all(isinstance(d, (int, np.integer)) for d in value)
+
+
 def resolve_shapes(
     inputs: list[InputInfo], given: dict[str, tuple[int, ...]] | None = None, *, warn: bool = True
 ) -> dict[str, tuple[int, ...]]:

@@ -155,6 +155,24 @@ def choose(tuning: NodeTuning, *, recognized: bool = False) -> str:
     return name if recognized or ms < tuning.original_ms * (1 - MIN_GAIN) else ORIGINAL
 
 
+def choose_across(tunings: Sequence[NodeTuning], *, recognized: bool = False) -> str:
+    """`choose` over several shape profiles: a variant verified at every profile and not slower
+    than the original at any, whose geometric-mean ratio to the original beats it by MIN_GAIN.
+    A `recognized` node takes the variant of least geometric-mean ratio (see `choose`)."""
+    if len(tunings) == 1:
+        return choose(tunings[0], recognized=recognized)
+    verified = [{name for name, o in t.outcomes.items() if o.status == "ok" and o.ms is not None and name != NATIVE} for t in tunings]
+    scored = []
+    for name in set.intersection(*verified):
+        ratios = [t.outcomes[name].ms / t.original_ms for t in tunings]  # type: ignore[operator]
+        if recognized or max(ratios) <= 1.0:
+            scored.append((float(np.exp(np.mean(np.log(ratios)))), name))
+    if not scored:
+        return ORIGINAL
+    ratio, name = min(scored)
+    return name if recognized or ratio < 1 - MIN_GAIN else ORIGINAL
+
+
 def tuning_key(spec: Any, shapes: dict[str, tuple[int, ...]]) -> str:
     """What makes two nodes the same tuning problem: the spec and the concrete input shapes, in
     the node's input order (tensor names do not matter)."""

@@ -41,3 +41,44 @@ def conv_block(channels: int = 16, size: int = 32, batch: int | str = "N", opset
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def residual_chain(channels: int = 64, height: int = 8, width: int = 80, blocks: int = 6, batch: int | str = "N",
+                   opset: int = 17, seed: int = 0) -> onnx.ModelProto:
+    """A CRNN-style backbone stage: `blocks` times [1x1 Conv → Relu → 3x3 depthwise Conv → 1x1 Conv
+    → residual Add → Relu] on a [N, C, H, W] feature map, each 1x1 Conv followed by a fusable op.
+
+    onnxruntime's CPU provider runs such chains in its blocked NCHWc layout and fuses each Conv
+    with the Relu or Add after it, so a node that is faster alone (a 1x1 Conv lowered to MatMul)
+    can make the whole model slower: the model to check context-aware choices on.
+    """
+    rng = np.random.default_rng(seed)
+    c = channels
+
+    def weight(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32), name)
+
+    nodes, initializers, x = [], [], "x"
+    for i in range(blocks):
+        initializers += [weight(f"b{i}.expand", (c, c, 1, 1)), weight(f"b{i}.depthwise", (c, 1, 3, 3)),
+                         weight(f"b{i}.project", (c, c, 1, 1))]
+        nodes += [
+            helper.make_node("Conv", [x, f"b{i}.expand"], [f"b{i}.e"], name=f"block{i}/expand"),
+            helper.make_node("Relu", [f"b{i}.e"], [f"b{i}.er"]),
+            helper.make_node("Conv", [f"b{i}.er", f"b{i}.depthwise"], [f"b{i}.d"], name=f"block{i}/depthwise", group=c, pads=[1, 1, 1, 1]),
+            helper.make_node("Conv", [f"b{i}.d", f"b{i}.project"], [f"b{i}.p"], name=f"block{i}/project"),
+            helper.make_node("Add", [f"b{i}.p", x], [f"b{i}.sum"]),
+            helper.make_node("Relu", [f"b{i}.sum"], [f"b{i}.out"]),
+        ]
+        x = f"b{i}.out"
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    graph = helper.make_graph(
+        nodes, "residual_chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, height, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, c, height, width])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="convlower.models")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 import convlower
 from convlower.cache import TuningCache
 from convlower.models.builders import conv_block
-from convlower.optimize import GUARD_ROUNDS, MODEL_MIN_GAIN, MODEL_POLICY, _cached, _guard
+from convlower.optimize import GUARD_ROUNDS, MODEL_MIN_GAIN, MODEL_POLICY, _cached, _confirm_in_context, _guard
 from convlower.passes import FAMILIES, Builder, SimpleVariant
 from convlower.passes.conv import ConvSpec, build_native, why_not_native
 from convlower.report import NodeReport, Report
@@ -33,7 +33,7 @@ from convlower.runner import Runner
 from convlower.shapes import with_static_inputs
 from convlower.testing import assert_equivalent
 from convlower.tune import MIN_GAIN, ORIGINAL, NodeTuning, VariantOutcome, choose, tuning_key
-from convlower.verify import DEFAULT_TOLERANCES
+from convlower.verify import DEFAULT_TOLERANCES, input_sets
 
 RNG = np.random.default_rng(0)
 OFFSET = 0.05
@@ -105,6 +105,16 @@ def conv_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int
     return total
 
 
+def random_feeds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    return input_sets(model, input_shapes=shapes, runs=1)[0]
+
+
+def run_guard(original: onnx.ModelProto, optimized: onnx.ModelProto, choices: dict[str, str], report: Report, runner: Runner,
+              shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """The guard at one profile, on random inputs."""
+    return _guard(original, optimized, choices, report, runner, [shapes], {}, [random_feeds(original, shapes)], None, None)
+
+
 def guard_report(runner: Runner, gains: dict[str, tuple[str, float, float]]) -> Report:
     """A report whose nodes chose variants with the given (variant, original ms, variant ms): the
     guard reverts by these predicted gains, not by anything it measures per node."""
@@ -149,7 +159,7 @@ def test_guard_reverts_a_choice_that_makes_the_model_slower(block: onnx.ModelPro
     runner = Runner("cpu")
     report = guard_report(runner, {"conv1": ("slow_native", 1.0, 0.5)})
     slow = apply_choices(block, {"conv1": "slow_native"})
-    kept = _guard(block, slow, {"conv1": "slow_native"}, report, runner, BLOCK_SHAPES, None, None, None)
+    kept = run_guard(block, slow, {"conv1": "slow_native"}, report, runner, BLOCK_SHAPES)
     assert kept is block
     assert report.reverted == ["conv1"] and report.nodes[0].chosen == ORIGINAL
     assert report.nodes[0].reason.startswith("reverted from slow_native: the optimized model was not shown 1% faster")
@@ -169,7 +179,7 @@ def test_guard_keeps_a_faster_model_and_reports_the_interval(block: onnx.ModelPr
     runner = Runner("cpu")
     report = guard_report(runner, {"conv1": ("slow_native", 1.0, 0.5)})
     slow = apply_choices(block, {"conv1": "slow_native"})
-    assert _guard(slow, block, {"conv1": "slow_native"}, report, runner, BLOCK_SHAPES, None, None, None) is block
+    assert run_guard(slow, block, {"conv1": "slow_native"}, report, runner, BLOCK_SHAPES) is block
     assert report.reverted == [] and report.verification["unchanged"] is False
     (check,) = json.loads(report.to_json())["guard"]["timings"]
     assert check["interval"][0] <= check["ratio"] <= check["interval"][1] < 1 - MODEL_MIN_GAIN
@@ -202,7 +212,7 @@ def test_guard_reverts_least_predicted_gain_first_then_all_once_the_budget_is_sp
     runner = Runner("cpu")
     report = guard_report(runner, {name: ("slow_native", 1.0, 1.0 - gain) for name, gain in predicted.items()})
     choices = {name: "slow_native" for name in names}
-    kept = _guard(model, apply_choices(model, choices), choices, report, runner, {"x": (1, 4, 8, 8)}, None, None, None)
+    kept = run_guard(model, apply_choices(model, choices), choices, report, runner, {"x": (1, 4, 8, 8)})
     assert kept is model
     assert len(names) > GUARD_ROUNDS + 1, "some choices must be left when the budget is spent"
     one_by_one = sorted(names, key=predicted.__getitem__)[:GUARD_ROUNDS]
@@ -218,10 +228,42 @@ def test_guard_reverts_least_predicted_gain_first_then_all_once_the_budget_is_sp
     assert report.verification["passed"] is True and report.verification["unchanged"] is True
 
 
+def test_a_choice_that_wins_alone_but_loses_in_the_whole_model_is_not_kept(extra_conv_variants) -> None:
+    """Two groups whose choice (the ~450x slower slow_native) the per-node numbers say wins: each
+    is timed in the whole model against the model without it, loses, and goes back to the
+    original with the in-context ratio as its reason; the guard then has nothing to check."""
+    extra_conv_variants(slow_native(128, 2))
+    model = chain_model(["a", "b", "c"])
+    runner = Runner("cpu")
+    report = guard_report(runner, {"a": ("slow_native", 1.0, 0.5), "b": ("slow_native", 1.0, 0.6)})
+    choices = {"a": "slow_native", "b": "slow_native"}
+    kept = _confirm_in_context(model, choices, {"group a": ["a"], "group b": ["b"], "group c": ["c"]}, report, runner,
+                               [random_feeds(model, {"x": (1, 4, 8, 8)})])
+    assert kept == {}
+    for node in report.nodes:
+        assert node.chosen == ORIGINAL and node.reason.startswith("slow_native won alone but not in the whole model")
+        assert node.context["kept"] is False and node.context["interval"][0] > 1
+        assert node.to_dict()["context"] == node.context
+    assert report.predicted_speedup is None, "nothing kept, nothing predicted"
+    report.verification = {"unchanged": True}
+    assert "0 of 2 node(s) lowered (2 won alone but not in the whole model); no choice held in the whole model" in report.summary()
+
+
+def test_the_prediction_multiplies_the_ratios_of_the_groups_kept_in_context() -> None:
+    report = guard_report(Runner("cpu"), {"a": ("im2col", 1.0, 0.5), "b": ("im2col", 1.0, 0.5), "c": ("im2col", 2.0, 1.0)})
+    report.original_ms = 10.0
+    assert report.predicted_speedup == report.isolated_predicted_speedup == pytest.approx(10 / 8)
+    shared = {"ratio": 0.8, "interval": [0.75, 0.85], "kept": True}
+    report.nodes[0].context = report.nodes[1].context = shared
+    report.nodes[2].context = {"ratio": 0.9, "interval": [0.85, 0.95], "kept": True}
+    assert report.predicted_speedup == pytest.approx(1 / (0.8 * 0.9)), "one factor per group, not per node"
+    assert report.isolated_predicted_speedup == pytest.approx(10 / 8)
+
+
 def test_guard_with_nothing_to_check_runs_nothing(block: onnx.ModelProto) -> None:
     runner = Runner("cpu")
     report = guard_report(runner, {"conv": (ORIGINAL, 1.0, 1.0)})
-    assert _guard(block, block, {}, report, runner, BLOCK_SHAPES, None, None, None) is block
+    assert run_guard(block, block, {}, report, runner, BLOCK_SHAPES) is block
     assert report.verification == {"unchanged": True} and report.original_ms is None
     assert "no variant beat the original; wrote the input unchanged" in report.summary()
 
@@ -232,7 +274,7 @@ def test_guard_reverts_a_wrong_model_and_says_the_outputs_disagreed(block: onnx.
     wrong = onnx.ModelProto()
     wrong.CopyFrom(block)
     wrong.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((16, 3, 3, 3), np.float32), "w1"))
-    kept = _guard(block, wrong, {"conv1": "im2col"}, report, runner, BLOCK_SHAPES, None, None, None)
+    kept = run_guard(block, wrong, {"conv1": "im2col"}, report, runner, BLOCK_SHAPES)
     assert kept is block and report.nodes[0].chosen == ORIGINAL and "disagree" in report.nodes[0].reason
     verification = report.verification
     assert verification["passed"] is False and verification["unchanged"] is True
@@ -264,7 +306,7 @@ def test_a_wrong_choice_applied_directly_is_caught_by_the_guard(block: onnx.Mode
     runner = Runner("cpu")
     report = guard_report(runner, {"pwconv3": ("plus_offset", 1.0, 0.5)})
     wrong = apply_choices(block, {"pwconv3": "plus_offset"})
-    kept = _guard(block, wrong, {"pwconv3": "plus_offset"}, report, runner, BLOCK_SHAPES, None, None, None)
+    kept = run_guard(block, wrong, {"pwconv3": "plus_offset"}, report, runner, BLOCK_SHAPES)
     assert kept is block and report.reverted == ["pwconv3"]
     verification = report.verification
     assert verification["passed"] is False and verification["unchanged"] is True
