@@ -320,7 +320,8 @@ def _node_shapes(entry: PlannedNode, static: dict[str, tuple[int, ...] | None]) 
             continue
         shape = static.get(tensor.name)
         if shape is None:
-            return {}, f"shape of input {tensor.name!r} is unknown at the profiling shapes"
+            where = " (it is inside an If/Loop/Scan body, where ONNX shape inference did not reach)" if entry.nested else ""
+            return {}, f"shape of input {tensor.name!r} is unknown at the profiling shapes{where}"
         shapes[tensor.name] = shape
     return shapes, None
 

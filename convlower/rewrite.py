@@ -34,6 +34,8 @@ class PlannedNode:
     graph: gs.Graph
     spec: Any = None
     reason: str | None = None
+    nested: bool = False
+    """In an If/Loop/Scan body rather than the main graph."""
     why_not: dict[str, str | None] = field(default_factory=dict)
 
     @property
@@ -56,11 +58,13 @@ def plan_nodes(graph: gs.Graph, opset: int) -> list[PlannedNode]:
                 continue
             if not node.name:
                 node.name = f"{node.op}_{depth}_{index}"
-            entry = PlannedNode(node.name, node.op, family, node, owner)
+            entry = PlannedNode(node.name, node.op, family, node, owner, nested=depth > 0)
             try:
                 entry.spec = family.make_spec(node, opset)
             except NotLowerable as exc:
                 entry.reason = str(exc)
+                if entry.nested and "unknown" in entry.reason:
+                    entry.reason += " (inside an If/Loop/Scan body, where ONNX shape inference did not reach)"
             else:
                 entry.why_not = {v.name: v.why_not(entry.spec) for v in family.variants}
             planned.append(entry)
