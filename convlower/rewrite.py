@@ -20,6 +20,7 @@ from convlower.passes.local_functions import attach_functions
 from .errors import VerificationError
 from .modelio import default_opset, runtime_compatible
 from .shapes import infer_shapes
+from .weights import checkable, import_onnx
 
 
 @dataclass
@@ -68,7 +69,7 @@ def plan_nodes(graph: gs.Graph, opset: int) -> list[PlannedNode]:
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """The model as a graphsurgeon graph, inferred shapes on its tensors, known idioms recognized."""
-    graph = gs.import_onnx(infer_shapes(model))
+    graph = import_onnx(infer_shapes(model))
     if RECOGNIZERS:
         opset = default_opset(model)
         for recognize in RECOGNIZERS:
@@ -127,7 +128,7 @@ def finish(original: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
                 value.CopyFrom(by_name[value.name])
     runtime_compatible(model)
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(checkable(model), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         if not _passes_checker(original):
             return model
@@ -141,7 +142,7 @@ def finish(original: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
 def _passes_checker(model: onnx.ModelProto) -> bool:
     """Whether the model passes onnx.checker's full check (a rewrite is held to its input's standard)."""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(checkable(model), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
         return False
     return True

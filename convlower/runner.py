@@ -27,6 +27,7 @@ import onnxruntime as ort
 from . import console
 from .errors import UsageError
 from .modelio import runtime_compatible
+from .weights import runtime_model
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -148,7 +149,9 @@ class Runner:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
         if isinstance(model, onnx.ModelProto):
-            model = runtime_compatible(model).SerializeToString()
+            model, data_folder = runtime_model(runtime_compatible(model))
+            if data_folder:
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path", data_folder)
         providers: list = [(CUDA, CUDA_OPTIONS), CPU] if self.provider == CUDA else [CPU]
         try:
             session = ort.InferenceSession(model, options, providers=providers)

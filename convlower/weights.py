@@ -1,0 +1,219 @@
+"""Weights in external data stay out of memory: protos carry references, arrays are memory-mapped.
+
+A model whose weights are external data is loaded without them (`modelio.load_model`): each
+external tensor keeps its `location`/`offset`/`length` and gains one more entry, `FOLDER_KEY`,
+the absolute folder its location is relative to. So every ModelProto convlower copies, infers,
+checks, splices and serializes holds only the graph (kilobytes, however large the weights), and a
+proto knows where its weights are wherever it travels: through graphsurgeon (which exports a lazily
+loaded tensor's original TensorProto), into micro-models and probes. Then:
+
+- `import_onnx`: a graphsurgeon graph whose external constants read their values through a
+  read-only `np.memmap` of the data file (`ExternalValues`), one mapping per file, shared.
+- `runtime_model`: the bytes onnxruntime gets (the folder entries dropped, since onnxruntime
+  refuses unknown keys) and the folder it resolves the data files in
+  (`session.model_external_initializers_file_folder_path`); onnxruntime reads the data itself.
+- `checkable`: a stand-in for onnx.checker, which looks for data files relative to the working
+  directory: external initializers become graph inputs of the same type and shape.
+- `write_with_external_data`: the model and one data file beside it; external tensors are copied
+  from their data files in chunks, large inline tensors (new weights a variant made) appended.
+
+Small models whose weights are inline keep them inline: the same code paths see no external tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import external_data_helper, helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+FOLDER_KEY = "convlower.folder"
+"""External-data entry naming the absolute folder a tensor's `location` is relative to."""
+ALIGN = 4096
+"""Offsets of tensors in written data files are multiples of this (a page), so they can be mapped."""
+INLINE_LIMIT = 1024
+"""Inline tensors of at least this many bytes move to the data file when a model is written with one."""
+CHUNK = 64 * 2**20
+
+
+def all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Every TensorProto of the model: initializers and tensor attributes, in all subgraphs."""
+    return list(external_data_helper._get_all_tensors(model))
+
+
+def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in all_tensors(model) if external_data_helper.uses_external_data(t)]
+
+
+def _entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def data_path(tensor: onnx.TensorProto) -> Path:
+    """The data file an external tensor of a loaded model reads from."""
+    entries = _entries(tensor)
+    return Path(entries[FOLDER_KEY]) / entries["location"]
+
+
+def attach_folder(model: onnx.ModelProto, folder: Path) -> None:
+    """Record in each external tensor the folder its location is relative to (in place)."""
+    for tensor in external_tensors(model):
+        if FOLDER_KEY not in _entries(tensor):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = FOLDER_KEY, str(folder)
+
+
+def _without_folder(tensor: onnx.TensorProto) -> None:
+    kept = [(e.key, e.value) for e in tensor.external_data if e.key != FOLDER_KEY]
+    del tensor.external_data[:]
+    for key, value in kept:
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+@functools.lru_cache(maxsize=8)
+def _mapped(path: Path) -> np.memmap:
+    """The whole data file mapped read-only, once per file, so every view shares its pages."""
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def external_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """An external tensor's value as a read-only view of its memory-mapped data file (no copy)."""
+    entries = _entries(tensor)
+    offset = int(entries.get("offset", 0))
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    length = _length(tensor)
+    raw = _mapped(data_path(tensor).resolve())[offset: offset + length]
+    return raw.view(dtype).reshape(tuple(tensor.dims))
+
+
+class ExternalValues(LazyValues):
+    """graphsurgeon's lazy values of an external tensor, loaded as a memory-mapped view.
+
+    graphsurgeon's own `LazyValues.load` would read the data relative to the working directory
+    and write it into the TensorProto; this reads nothing until the pages are touched.
+    """
+
+    def load(self) -> np.ndarray:
+        return external_array(self.tensor)
+
+
+def import_onnx(model: onnx.ModelProto) -> gs.Graph:
+    """`gs.import_onnx`, with external constants (in all subgraphs) reading through `ExternalValues`."""
+    graph = gs.import_onnx(model)
+    for owner in [graph, *graph.subgraphs(recursive=True)]:
+        for tensor in owner.tensors().values():
+            values = getattr(tensor, "_values", None)
+            if isinstance(tensor, gs.Constant) and type(values) is LazyValues and external_data_helper.uses_external_data(values.tensor):
+                tensor._values = ExternalValues(values.tensor)
+    return graph
+
+
+def runtime_model(model: onnx.ModelProto) -> tuple[bytes, str | None]:
+    """The bytes to make an onnxruntime session from, and the folder of its external data (or None)."""
+    tensors = external_tensors(model)
+    if not tensors:
+        return model.SerializeToString(), None
+    folders = {_entries(t).get(FOLDER_KEY) for t in tensors}
+    if len(folders) != 1 or None in folders:
+        raise ValueError(f"external data must come from one loaded model's folder, found {sorted(map(str, folders))}")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in external_tensors(copy):
+        _without_folder(tensor)
+    return copy.SerializeToString(), folders.pop()
+
+
+def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model for onnx.checker: main-graph external initializers become inputs of their type
+    and shape (the checker would look for their data files relative to the working directory)."""
+    external = [t for t in model.graph.initializer if external_data_helper.uses_external_data(t)]
+    if not external:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    names = {t.name for t in external}
+    kept = [t for t in copy.graph.initializer if t.name not in names]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(kept)
+    declared = {v.name for v in copy.graph.input}
+    copy.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external if t.name not in declared)
+    return copy
+
+
+def needs_external_data(model: onnx.ModelProto, limit: int) -> bool:
+    """Whether the model is written with external data: its weights were external, or the proto
+    would pass `limit` bytes (protobuf cannot serialize a message over 2 GiB)."""
+    return bool(external_tensors(model)) or model.ByteSize() > limit
+
+
+def source_data_files(model: onnx.ModelProto) -> set[Path]:
+    """The data files the model's external tensors read from (resolved)."""
+    return {data_path(t).resolve() for t in external_tensors(model)}
+
+
+def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str) -> None:
+    """Write the model to `path` and all its large tensors to `path.parent / data_name`.
+
+    The caller's model is not changed. External tensors are copied from their data files in
+    chunks; inline tensors of `INLINE_LIMIT` bytes or more are moved out. Offsets are aligned to
+    `ALIGN` so onnxruntime can memory-map them.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    with open(path.parent / data_name, "wb") as data:
+        for tensor in all_tensors(copy):
+            external = external_data_helper.uses_external_data(tensor)
+            if not external and not (tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_LIMIT):
+                continue
+            offset = _align(data)
+            if external:
+                length = _copy_range(data_path(tensor), int(_entries(tensor).get("offset", 0)), _length(tensor), data)
+            else:
+                data.write(tensor.raw_data)
+                length = len(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    path.write_bytes(copy.SerializeToString())
+
+
+def _length(tensor: onnx.TensorProto) -> int:
+    """Bytes of an external tensor: its `length` entry, or what its type and dims take."""
+    entries = _entries(tensor)
+    if "length" in entries:
+        return int(entries["length"])
+    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def _align(data) -> int:
+    offset = data.tell()
+    offset += -offset % ALIGN
+    data.seek(offset)
+    return offset
+
+
+def _copy_range(source: Path, offset: int, length: int, data) -> int:
+    with open(source, "rb") as src:
+        src.seek(offset)
+        left = length
+        while left:
+            chunk = src.read(min(CHUNK, left))
+            if not chunk:
+                raise OSError(f"{source}: ends before byte {offset + length}")
+            data.write(chunk)
+            left -= len(chunk)
+    return length
+
+
+def same_file(a: os.PathLike, b: os.PathLike) -> bool:
+    return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
