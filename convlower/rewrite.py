@@ -20,7 +20,7 @@ from convlower.passes.local_functions import attach_functions
 from .errors import VerificationError
 from .modelio import default_opset, runtime_compatible
 from .shapes import infer_shapes
-from .weights import checkable, import_onnx
+from .weights import checkable, import_onnx, spill_new_weights
 
 
 @dataclass
@@ -107,6 +107,7 @@ def apply_choices(model: onnx.ModelProto, choices: Mapping[str, str]) -> onnx.Mo
 
 def finish(original: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
     """Export the graph as a model that keeps the original's interface, metadata and opsets."""
+    spill_new_weights(original, graph)
     used_functions = {(n.domain, n.op) for n in graph.nodes}
     graph.functions = [f for f in graph.functions if (f.domain, f.name) in used_functions]
     model = gs.export_onnx(graph, do_type_check=False, opset_imports=list(original.opset_import))

@@ -22,8 +22,11 @@ Small models whose weights are inline keep them inline: the same code paths see 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,8 @@ ALIGN = 4096
 INLINE_LIMIT = 1024
 """Inline tensors of at least this many bytes move to the data file when a model is written with one."""
 CHUNK = 64 * 2**20
+SPILL_BYTES = 2**20
+"""New constants of at least this many bytes leave the proto of a model whose weights are external."""
 
 
 def all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -76,7 +81,7 @@ def _without_folder(tensor: onnx.TensorProto) -> None:
         entry.key, entry.value = key, value
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=64)
 def _mapped(path: Path) -> np.memmap:
     """The whole data file mapped read-only, once per file, so every view shares its pages."""
     return np.memmap(path, dtype=np.uint8, mode="r")
@@ -114,19 +119,66 @@ def import_onnx(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
-def runtime_model(model: onnx.ModelProto) -> tuple[bytes, str | None]:
-    """The bytes to make an onnxruntime session from, and the folder of its external data (or None)."""
+def spill_new_weights(original: onnx.ModelProto, graph: gs.Graph) -> None:
+    """Move the large constants a variant made (rearranged weights) out of the graph rewritten from
+    `original` into scratch data files, when `original`'s weights are external data, so the
+    rewritten ModelProto stays small as well.
+
+    A model with inline weights keeps its new constants inline, as its weights are. The scratch
+    folder lasts as long as the process (`_scratch`).
+    """
+    if not external_tensors(original):
+        return
+    constants = [t for owner in [graph, *graph.subgraphs(recursive=True)] for t in owner.tensors().values()
+                 if isinstance(t, gs.Constant)]
+    for constant in constants:
+        values = constant._values
+        if isinstance(values, np.ndarray) and values.nbytes >= SPILL_BYTES:
+            constant._values = ExternalValues(_spilled(constant.name, values))
+
+
+def _spilled(name: str, array: np.ndarray) -> onnx.TensorProto:
+    """`array` written to a new scratch file, as an external TensorProto that refers to it."""
+    _spilled.count = getattr(_spilled, "count", 0) + 1  # type: ignore[attr-defined]
+    location = f"weight{_spilled.count}.bin"  # type: ignore[attr-defined]
+    folder = _scratch()
+    np.ascontiguousarray(array).tofile(folder / location)
+    tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(array.nbytes)), (FOLDER_KEY, str(folder))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+@functools.cache
+def _scratch() -> Path:
+    """This process's folder for spilled weights, removed when it exits."""
+    folder = Path(tempfile.mkdtemp(prefix="convlower-weights-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def runtime_model(model: onnx.ModelProto) -> tuple[bytes, str | None, dict[str, np.ndarray]]:
+    """What an onnxruntime session is made from: the model's bytes, the folder onnxruntime reads
+    external data from (None when there is none), and arrays to hand it as external initializers.
+
+    onnxruntime resolves external data in one folder, so tensors from another folder (spilled
+    weights) are handed over as memory-mapped arrays (`SessionOptions.add_external_initializers`).
+    """
     tensors = external_tensors(model)
     if not tensors:
-        return model.SerializeToString(), None
-    folders = {_entries(t).get(FOLDER_KEY) for t in tensors}
-    if len(folders) != 1 or None in folders:
-        raise ValueError(f"external data must come from one loaded model's folder, found {sorted(map(str, folders))}")
+        return model.SerializeToString(), None, {}
+    folders = [_entries(t).get(FOLDER_KEY) for t in tensors]
+    if None in folders:
+        raise ValueError("an external tensor does not say its folder: load the model with convlower.modelio.load_model")
+    main = max(set(folders), key=folders.count)
+    handed = {t.name: external_array(t) for t, folder in zip(tensors, folders) if folder != main}
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for tensor in external_tensors(copy):
         _without_folder(tensor)
-    return copy.SerializeToString(), folders.pop()
+    return copy.SerializeToString(), main, handed
 
 
 def checkable(model: onnx.ModelProto) -> onnx.ModelProto:

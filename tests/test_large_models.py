@@ -106,10 +106,12 @@ def test_optimize_writes_external_data_beside_the_output(source: Path, tmp_path:
 
 
 def test_a_lowered_model_with_new_weights_is_written_with_them_in_its_data_file(source: Path) -> None:
-    """im2col reshapes weights into new constants: they join the output's data file, and nothing
+    """im2col reshapes weights into new constants: in memory they are spilled out of the proto (the
+    pointwise weight is over `SPILL_BYTES`), written they join the output's data file, and nothing
     refers to the input's data file any more."""
     result = convlower.lower(source, ["conv=im2col"])
     assert [n.variant for n in result.nodes] == ["im2col"] * 3
+    assert result.model.ByteSize() < 100_000
     out = save_model(result.model, source.parent / "lowered.onnx", protect=source)
     assert data_locations(out) == {"lowered.onnx.data"}
     assert all(n.op_type != "Conv" for n in onnx.load(str(out), load_external_data=False).graph.node)
