@@ -37,6 +37,9 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
         _check_opset(proto, "the model")
+        if any(weights.FOLDER_KEY not in {e.key for e in t.external_data} for t in weights.external_tensors(proto)):
+            raise UsageError("the model refers to external data, but a ModelProto does not say where its files are",
+                             "pass the model's path instead")
         return proto
     path = Path(model)
     if not path.exists():
