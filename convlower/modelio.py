@@ -28,8 +28,11 @@ ModelLike = str | os.PathLike | onnx.ModelProto
 _TWO_GIB = 2**31 - 2**20
 
 
-def load_model(model: ModelLike) -> onnx.ModelProto:
+def load_model(model: ModelLike, *, detach_over: int = weights.DETACH_BYTES) -> onnx.ModelProto:
     """A ModelProto from a path or a ModelProto; external data is checked and referred to, not read.
+
+    A model file whose proto is over `detach_over` bytes has its inline weights moved to scratch
+    files (`weights.detach_inline`), so it is worked on as one with external data is.
 
     Raises `UsageError` with a one-line reason and fix for anything that is not a loadable model.
     """
@@ -53,6 +56,8 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
     proto = _parse(data, path)
     del data
     _check_external_data(proto, path)
+    if proto.ByteSize() > detach_over:
+        weights.detach_inline(proto)
     _check_opset(proto, str(path))
     return proto
 
@@ -170,7 +175,7 @@ def save_model(
             weights.write_with_external_data(model, staged, data_target.name)
             os.replace(Path(tmp) / data_target.name, data_target)
         else:
-            onnx.save_model(model, staged)
+            onnx.save_model(weights.inlined(model), staged)
         os.replace(staged, target)
     return target
 

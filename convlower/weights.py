@@ -17,7 +17,10 @@ loaded tensor's original TensorProto), into micro-models and probes. Then:
 - `write_with_external_data`: the model and one data file beside it; external tensors are copied
   from their data files in chunks, large inline tensors (new weights a variant made) appended.
 
-Small models whose weights are inline keep them inline: the same code paths see no external tensor.
+A model file of over `DETACH_BYTES` with inline weights has them moved to scratch files at load
+(`detach_inline`, marked `INLINE_KEY`), so it takes the same path, and is written inline again
+unless it must not be (`needs_external_data`). Smaller models keep their weights inline: the same
+code paths see no external tensor, and they are spared writing their weights to disk.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 FOLDER_KEY = "convlower.folder"
 """External-data entry naming the absolute folder a tensor's `location` is relative to."""
+INLINE_KEY = "convlower.inline"
+"""External-data entry of a tensor that was inline in the input model (moved out by `detach_inline`)."""
+DETACH_BYTES = 2**28
+"""Input models whose proto is larger than this have their inline weights moved out at load."""
 ALIGN = 4096
 """Offsets of tensors in written data files are multiples of this (a page), so they can be mapped."""
 INLINE_LIMIT = 1024
@@ -73,8 +80,9 @@ def attach_folder(model: onnx.ModelProto, folder: Path) -> None:
             entry.key, entry.value = FOLDER_KEY, str(folder)
 
 
-def _without_folder(tensor: onnx.TensorProto) -> None:
-    kept = [(e.key, e.value) for e in tensor.external_data if e.key != FOLDER_KEY]
+def _without_ours(tensor: onnx.TensorProto) -> None:
+    """Drop convlower's entries (onnxruntime refuses unknown external-data keys)."""
+    kept = [(e.key, e.value) for e in tensor.external_data if e.key not in (FOLDER_KEY, INLINE_KEY)]
     del tensor.external_data[:]
     for key, value in kept:
         entry = tensor.external_data.add()
@@ -128,25 +136,61 @@ def spill_new_weights(original: onnx.ModelProto, graph: gs.Graph) -> None:
     A model with inline weights keeps its new constants inline, as its weights are. The scratch
     folder lasts as long as the process (`_scratch`).
     """
-    if not external_tensors(original):
+    external = external_tensors(original)
+    if not external:
         return
+    inline = all(INLINE_KEY in _entries(t) for t in external)
     constants = [t for owner in [graph, *graph.subgraphs(recursive=True)] for t in owner.tensors().values()
                  if isinstance(t, gs.Constant)]
     for constant in constants:
         values = constant._values
         if isinstance(values, np.ndarray) and values.nbytes >= SPILL_BYTES:
-            constant._values = ExternalValues(_spilled(constant.name, values))
+            constant._values = ExternalValues(_spilled(constant.name, values, inline=inline))
 
 
-def _spilled(name: str, array: np.ndarray) -> onnx.TensorProto:
-    """`array` written to a new scratch file, as an external TensorProto that refers to it."""
+def detach_inline(model: onnx.ModelProto) -> None:
+    """Move the model's inline tensors of `SPILL_BYTES` or more to scratch files (in place), marked
+    `INLINE_KEY` so the model is written inline again (`inlined`) unless it must not be.
+
+    For input models over `DETACH_BYTES`: a large inline model then takes the same path as one with
+    external data, and every copy of its proto is small. Smaller models keep their weights inline,
+    sparing a write of them to disk.
+    """
+    for tensor in all_tensors(model):
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= SPILL_BYTES:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+            spilled = _spilled(tensor.name, np.frombuffer(tensor.raw_data, dtype=dtype), inline=True)
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.external_data.extend(spilled.external_data)
+
+
+def inlined(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every external tensor's data read back into the proto (a copy; the model
+    itself when it has no external tensor)."""
+    if not external_tensors(model):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in external_tensors(copy):
+        raw = np.ascontiguousarray(external_array(tensor)).tobytes()
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.raw_data = raw
+    return copy
+
+
+def _spilled(name: str, array: np.ndarray, *, inline: bool) -> onnx.TensorProto:
+    """`array` written to a new scratch file, as an external TensorProto that refers to it
+    (marked `INLINE_KEY` when `inline`)."""
     _spilled.count = getattr(_spilled, "count", 0) + 1  # type: ignore[attr-defined]
     location = f"weight{_spilled.count}.bin"  # type: ignore[attr-defined]
     folder = _scratch()
     np.ascontiguousarray(array).tofile(folder / location)
     tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
     tensor.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", "0"), ("length", str(array.nbytes)), (FOLDER_KEY, str(folder))):
+    entries = [("location", location), ("offset", "0"), ("length", str(array.nbytes)), (FOLDER_KEY, str(folder))]
+    for key, value in entries + ([(INLINE_KEY, "1")] if inline else []):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
     return tensor
@@ -178,7 +222,7 @@ def runtime_model(model: onnx.ModelProto) -> tuple[bytes, str | None, dict[str, 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for tensor in external_tensors(copy):
-        _without_folder(tensor)
+        _without_ours(tensor)
     return copy.SerializeToString(), main, handed
 
 
@@ -200,9 +244,13 @@ def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def needs_external_data(model: onnx.ModelProto, limit: int) -> bool:
-    """Whether the model is written with external data: its weights were external, or the proto
-    would pass `limit` bytes (protobuf cannot serialize a message over 2 GiB)."""
-    return bool(external_tensors(model)) or model.ByteSize() > limit
+    """Whether the model is written with external data: its input's weights were external (a
+    tensor not marked `INLINE_KEY`), or the proto with every weight inline would pass `limit`
+    bytes (protobuf cannot serialize a message over 2 GiB)."""
+    external = external_tensors(model)
+    if any(INLINE_KEY not in _entries(t) for t in external):
+        return True
+    return model.ByteSize() + sum(_length(t) for t in external) > limit
 
 
 def source_data_files(model: onnx.ModelProto) -> set[Path]:

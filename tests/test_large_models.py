@@ -167,3 +167,25 @@ def test_a_data_file_shorter_than_its_tensors_is_refused(source: Path) -> None:
     data.write_bytes(data.read_bytes()[:1000])
     with pytest.raises(UsageError, match="ends before"):
         load_model(source)
+
+
+def test_a_large_inline_model_is_worked_on_detached_and_written_inline(tmp_path: Path) -> None:
+    """An inline model over the detach size (here 0 bytes) keeps its weights in scratch files
+    while convlower works on it, and is written inline, as it came."""
+    onnx.save(conv_block(channels=CHANNELS, size=8), tmp_path / "m.onnx")
+    proto = load_model(tmp_path / "m.onnx", detach_over=0)
+    assert {t.name for t in external_tensors(proto)} == {"w3"}
+    assert proto.ByteSize() < 100_000
+    assert not needs_external_data(proto, limit=2**31)
+    lowered = convlower.lower(proto, ["conv=im2col"]).model
+    out = save_model(lowered, tmp_path / "lowered.onnx", protect=tmp_path / "m.onnx")
+    assert not data_locations(out) and not (tmp_path / "lowered.onnx.data").exists()
+    assert out.stat().st_size > weight_bytes_inline(tmp_path / "m.onnx") * 0.9
+    assert convlower.verify(tmp_path / "m.onnx", out, input_shapes=SHAPES)
+    split = save_model(lowered, tmp_path / "split.onnx", limit=100_000)
+    assert data_locations(split) == {"split.onnx.data"}
+    assert convlower.verify(tmp_path / "m.onnx", split, input_shapes=SHAPES)
+
+
+def weight_bytes_inline(path: Path) -> int:
+    return sum(len(t.raw_data) for t in onnx.load(str(path)).graph.initializer)
