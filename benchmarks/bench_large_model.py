@@ -138,7 +138,7 @@ def main() -> int:
         if args.threads:
             command += ["--threads", str(args.threads)]
         started = time.perf_counter()
-        child = subprocess.run(command, capture_output=True, text=True)
+        child = subprocess.run(command, capture_output=True, text=True, cwd=work)  # not the repository: -m imports from the cwd first
         seconds = time.perf_counter() - started
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         figures = {

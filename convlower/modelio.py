@@ -54,10 +54,11 @@ def load_model(model: ModelLike, *, detach_over: int = weights.DETACH_BYTES) -> 
     except OSError as exc:
         raise UsageError(f"{path}: cannot be read ({exc.strerror})", "check its permissions") from exc
     proto = _parse(data, path)
+    size = len(data)  # not proto.ByteSize(): protobuf serializes the message to count it
     del data
     _check_external_data(proto, path)
-    if proto.ByteSize() > detach_over:
-        weights.detach_inline(proto)
+    if size > detach_over:
+        proto = weights.detach_inline(proto)
     _check_opset(proto, str(path))
     return proto
 
@@ -175,7 +176,7 @@ def save_model(
             weights.write_with_external_data(model, staged, data_target.name)
             os.replace(Path(tmp) / data_target.name, data_target)
         else:
-            onnx.save_model(weights.inlined(model), staged)
+            staged.write_bytes(weights.inlined(model).SerializeToString())
         os.replace(staged, target)
     return target
 
