@@ -176,7 +176,7 @@ def save_model(
             weights.write_with_external_data(model, staged, data_target.name)
             os.replace(Path(tmp) / data_target.name, data_target)
         else:
-            staged.write_bytes(weights.inlined(model).SerializeToString())
+            weights.write_inline(model, staged)
         os.replace(staged, target)
     return target
 

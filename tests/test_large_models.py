@@ -180,6 +180,7 @@ def test_a_large_inline_model_is_worked_on_detached_and_written_inline(tmp_path:
     lowered = convlower.lower(proto, ["conv=im2col"]).model
     out = save_model(lowered, tmp_path / "lowered.onnx", protect=tmp_path / "m.onnx")
     assert not data_locations(out) and not (tmp_path / "lowered.onnx.data").exists()
+    onnx.checker.check_model(str(out), full_check=True)
     assert out.stat().st_size > weight_bytes_inline(tmp_path / "m.onnx") * 0.9
     assert convlower.verify(tmp_path / "m.onnx", out, input_shapes=SHAPES)
     split = save_model(lowered, tmp_path / "split.onnx", limit=100_000)
