@@ -8,10 +8,10 @@ written as external data (one `.data` file beside the model, offsets page-aligne
 layer at a time so generating it needs little memory), or with `--inline` inside the protobuf
 (at most 2 GB, protobuf's limit; 1.1 GB by default).
 
-It is written under `--workdir` (default ~/.cache/convlower-bench, outside the repository) and
-optimized by `python -m convlower optimize` in a child process, so the child's peak resident
-memory (`getrusage(RUSAGE_CHILDREN).ru_maxrss`, read before anything else runs in a child) is
-convlower's alone. Then the written model is checked here: whether it has external data beside
+It is written under `--workdir` (default ~/.cache/convlower-bench, outside the repository) by a
+child process and optimized by `python -m convlower optimize` in another, whose peak resident
+memory (`ru_maxrss` from `os.wait4`) is convlower's alone: this process stays small while it
+runs (on Linux a child's peak counts its parent's resident memory at the time it started). Then the written model is checked here: whether it has external data beside
 it, that onnxruntime loads it from its own folder, and that its output equals the input model's
 on one random input. Generated models are deleted unless `--keep`.
 """
@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +97,36 @@ def make_model(path: Path, gigabytes: float, convs: int, *, inline: bool, seed: 
     return total
 
 
+def _generate(path: Path, gigabytes: float, convs: int, *, inline: bool) -> int:
+    """`make_model` in a child process, so this one stays small: a child's peak RSS counts the
+    memory of the process that started it (Linux records the old image's peak at exec)."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; "
+            f"from bench_large_model import make_model; "
+            f"print(make_model(Path({str(path)!r}), {gigabytes!r}, {convs!r}, inline={inline!r}))")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+@dataclass
+class Measured:
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_rss: int
+
+
+def _measured(command: list[str], cwd: Path) -> Measured:
+    """Run `command` in `cwd` (not the repository: `python -m` imports from the working directory
+    first) and return its exit code, output, and peak resident memory in bytes (`wait4`'s rusage
+    of that child alone)."""
+    with open(cwd / "stdout.txt", "w+") as out, open(cwd / "stderr.txt", "w+") as err:
+        child = subprocess.Popen(command, stdout=out, stderr=err, cwd=cwd, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Measured(child.returncode, out.read(), err.read(), usage.ru_maxrss * 1024)
+
+
 def _output(path: Path, feed: np.ndarray) -> np.ndarray:
     """The model's output on `feed`, from a session that loads it (and its data) from its own folder."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -129,7 +159,7 @@ def main() -> int:
     source, output = work / "model.onnx", work / "model.convlower.onnx"
     try:
         started = time.perf_counter()
-        size = make_model(source, gigabytes, args.convs, inline=args.inline)
+        size = _generate(source, gigabytes, args.convs, inline=args.inline)
         print(f"generated {source} ({size / 1e9:.2f} GB of weights, {channels_for(gigabytes, args.convs)} channels) "
               f"in {time.perf_counter() - started:.0f} s", flush=True)
 
@@ -138,9 +168,9 @@ def main() -> int:
         if args.threads:
             command += ["--threads", str(args.threads)]
         started = time.perf_counter()
-        child = subprocess.run(command, capture_output=True, text=True, cwd=work)  # not the repository: -m imports from the cwd first
+        child = _measured(command, work)
         seconds = time.perf_counter() - started
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        peak = child.peak_rss
         figures = {
             "weights_gb": round(size / 1e9, 3), "inline": args.inline, "exit_code": child.returncode,
             "seconds": round(seconds, 1), "peak_rss_gb": round(peak / 1e9, 2), "peak_over_size": round(peak / size, 2),

@@ -157,11 +157,12 @@ def save_model(
 ) -> Path:
     """Write `model` to `path` atomically; one with external data gets one data file beside it.
 
-    A model that refers to external data, whose input (`protect`) had external data, or whose
-    proto would pass `limit` bytes (`weights.needs_external_data`), is written as `path` plus
-    `<name>.data` (a variant's rearranged weights are inline in memory), which onnxruntime
-    loads from that folder. Both are staged in a temporary folder beside the target and moved into
-    place together, so a failed write leaves no half-written pair. `protect` names the input
+    A model whose input had external data (its tensors refer to it, or `protect`, the input's
+    path, has some), or whose proto with every weight inline would pass `limit` bytes
+    (`weights.needs_external_data`), is written as `path` plus `<name>.data`, which holds all its
+    large tensors and which onnxruntime loads from that folder; other models are written inline
+    (`weights.write_inline`). The files are staged in a temporary folder beside the target and
+    moved into place, so a failed write leaves no half-written pair. `protect` names the input
     model: writing over it, or over a data file the model reads, is refused unless `force` is set.
     """
     target = check_output_path(path, protect=protect, force=force)
