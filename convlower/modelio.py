@@ -3,6 +3,9 @@
 Every model convlower writes or times must load in the installed onnxruntime, so saving clamps
 the IR version to what that onnxruntime reads (onnx 1.23 writes IR 14 by default, onnxruntime 1.31
 reads at most 13).
+
+Weights in external data are not read in: the loaded proto refers to them (`convlower.weights`),
+and a model written from it gets its own data file beside it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from . import weights
 from .errors import UsageError
 
 MIN_OPSET = 11
@@ -24,8 +28,11 @@ ModelLike = str | os.PathLike | onnx.ModelProto
 _TWO_GIB = 2**31 - 2**20
 
 
-def load_model(model: ModelLike) -> onnx.ModelProto:
-    """A ModelProto from a path or a ModelProto, with external data resolved and checked.
+def load_model(model: ModelLike, *, detach_over: int = weights.DETACH_BYTES) -> onnx.ModelProto:
+    """A ModelProto from a path or a ModelProto; external data is checked and referred to, not read.
+
+    A model file whose proto is over `detach_over` bytes has its inline weights moved to scratch
+    files (`weights.detach_inline`), so it is worked on as one with external data is.
 
     Raises `UsageError` with a one-line reason and fix for anything that is not a loadable model.
     """
@@ -33,6 +40,9 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
         _check_opset(proto, "the model")
+        if any(weights.FOLDER_KEY not in {e.key for e in t.external_data} for t in weights.external_tensors(proto)):
+            raise UsageError("the model refers to external data, but a ModelProto does not say where its files are",
+                             "pass the model's path instead")
         return proto
     path = Path(model)
     if not path.exists():
@@ -44,7 +54,11 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
     except OSError as exc:
         raise UsageError(f"{path}: cannot be read ({exc.strerror})", "check its permissions") from exc
     proto = _parse(data, path)
-    _load_external_data(proto, path)
+    size = len(data)  # not proto.ByteSize(): protobuf serializes the message to count it
+    del data
+    _check_external_data(proto, path)
+    if size > detach_over:
+        proto = weights.detach_inline(proto)
     _check_opset(proto, str(path))
     return proto
 
@@ -66,8 +80,9 @@ def _parse(data: bytes, path: Path) -> onnx.ModelProto:
     return proto
 
 
-def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Resolve external tensors, refusing any whose location leaves the model's folder."""
+def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Check the external tensors' data files, refusing any location that leaves the model's folder,
+    and record the folder in them (`weights.attach_folder`); the data stays on disk."""
     base = path.resolve().parent
     tensors = [t for t in external_data_helper._get_all_tensors(proto) if external_data_helper.uses_external_data(t)]
     for tensor in tensors:
@@ -83,11 +98,13 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
                 f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing",
                 "copy it beside the model",
             )
-    if tensors:
-        try:
-            external_data_helper.load_external_data_for_model(proto, str(base))
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"{path}: external data cannot be read ({exc})", "export the model again") from exc
+        end = int(next((e.value for e in tensor.external_data if e.key == "offset"), 0)) + weights._length(tensor)
+        if target.stat().st_size < end:
+            raise UsageError(
+                f"{path}: external data file {location!r} ends before tensor {tensor.name!r} does",
+                "export the model again",
+            )
+    weights.attach_folder(proto, base)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -135,23 +152,44 @@ def runtime_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def save_model(model: onnx.ModelProto, path: ModelLike, *, protect: ModelLike | None = None, force: bool = False) -> Path:
-    """Write `model` to `path` atomically; a model over 2 GiB gets its tensors in `<name>.data`.
+def save_model(
+    model: onnx.ModelProto, path: ModelLike, *, protect: ModelLike | None = None, force: bool = False, limit: int = _TWO_GIB
+) -> Path:
+    """Write `model` to `path` atomically; one with external data gets one data file beside it.
 
-    `protect` names the input model: writing over it is refused unless `force` is set.
+    A model whose input had external data (its tensors refer to it, or `protect`, the input's
+    path, has some), or whose proto with every weight inline would pass `limit` bytes
+    (`weights.needs_external_data`), is written as `path` plus `<name>.data`, which holds all its
+    large tensors and which onnxruntime loads from that folder; other models are written inline
+    (`weights.write_inline`). The files are staged in a temporary folder beside the target and
+    moved into place, so a failed write leaves no half-written pair. `protect` names the input
+    model: writing over it, or over a data file the model reads, is refused unless `force` is set.
     """
     target = check_output_path(path, protect=protect, force=force)
     runtime_compatible(model)
+    external = weights.needs_external_data(model, limit) or _has_external_data(protect)
+    data_target = target.parent / (target.name + ".data")
+    if external and not force and data_target.exists() and data_target.resolve() in weights.source_data_files(model):
+        raise UsageError(f"{data_target}: the output would overwrite the input's external data", "name another output with -o, or pass --force")
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convlower-") as tmp:
         staged = Path(tmp) / target.name
-        if model.ByteSize() > _TWO_GIB:
-            data_name = target.name + ".data"
-            onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
-            os.replace(Path(tmp) / data_name, target.parent / data_name)
+        if external:
+            weights.write_with_external_data(model, staged, data_target.name)
+            os.replace(Path(tmp) / data_target.name, data_target)
         else:
-            onnx.save_model(model, staged)
+            weights.write_inline(model, staged)
         os.replace(staged, target)
     return target
+
+
+def _has_external_data(model: ModelLike | None) -> bool:
+    """Whether the model file at `model` keeps tensors in external data (read without the data)."""
+    if model is None or isinstance(model, onnx.ModelProto) or not Path(model).is_file():
+        return False
+    try:
+        return bool(weights.external_tensors(onnx.load(str(model), load_external_data=False)))
+    except (DecodeError, OSError, ValueError):
+        return False
 
 
 def check_output_path(path: ModelLike, *, protect: ModelLike | None = None, force: bool = False) -> Path:

@@ -21,6 +21,7 @@ from convlower.passes.local_functions import attach_functions
 from .errors import VerificationError
 from .modelio import default_opset, runtime_compatible
 from .shapes import infer_shapes
+from .weights import checkable, import_onnx, spill_new_weights
 
 
 @dataclass
@@ -73,7 +74,7 @@ def plan_nodes(graph: gs.Graph, opset: int) -> list[PlannedNode]:
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """The model as a graphsurgeon graph, inferred shapes on its tensors, known idioms recognized."""
-    graph = gs.import_onnx(infer_shapes(model))
+    graph = import_onnx(infer_shapes(model))
     if RECOGNIZERS:
         opset = default_opset(model)
         for recognize in RECOGNIZERS:
@@ -111,6 +112,7 @@ def apply_choices(model: onnx.ModelProto, choices: Mapping[str, str]) -> onnx.Mo
 
 def finish(original: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
     """Export the graph as a model that keeps the original's interface, metadata and opsets."""
+    spill_new_weights(original, graph)
     used_functions = {(n.domain, n.op) for n in graph.nodes}
     graph.functions = [f for f in graph.functions if (f.domain, f.name) in used_functions]
     model = gs.export_onnx(graph, do_type_check=False, opset_imports=list(original.opset_import))
@@ -132,7 +134,7 @@ def finish(original: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
                 value.CopyFrom(by_name[value.name])
     runtime_compatible(model)
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(checkable(model), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         if not _passes_checker(original):
             return model
@@ -146,7 +148,7 @@ def finish(original: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
 def _passes_checker(model: onnx.ModelProto) -> bool:
     """Whether the model passes onnx.checker's full check (a rewrite is held to its input's standard)."""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(checkable(model), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
         return False
     return True

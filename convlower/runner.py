@@ -40,6 +40,7 @@ import onnxruntime as ort
 from . import console
 from .errors import UsageError
 from .modelio import runtime_compatible
+from .weights import runtime_model
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -132,8 +133,14 @@ class Runner:
         if self.threads:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
+        handed: list[ort.OrtValue] = []
         if isinstance(model, onnx.ModelProto):
-            model = runtime_compatible(model).SerializeToString()
+            model, data_folder, arrays = runtime_model(runtime_compatible(model))
+            if data_folder:
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path", data_folder)
+            if arrays:
+                handed = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]
+                options.add_external_initializers(list(arrays), handed)
         providers: list = [(CUDA, CUDA_OPTIONS), CPU] if self.provider == CUDA else [CPU]
         try:
             session = ort.InferenceSession(model, options, providers=providers)
@@ -142,6 +149,7 @@ class Runner:
             raise UsageError(
                 f"onnxruntime cannot load {what}: {reason}", "check that the model is valid for this onnxruntime"
             ) from exc
+        session.external_initializers = handed  # their buffers must outlive the session
         return Session(session, self.provider, what)
 
 

@@ -74,7 +74,8 @@ def micro_model(
         if tensor.is_empty():
             inputs.append(gs.Variable.empty())
         elif value is not None:
-            inputs.append(gs.Constant(tensor.name, value))
+            # an initializer shares its lazy values: an external weight stays a reference to its file
+            inputs.append(gs.Constant(tensor.name, tensor._values if isinstance(tensor, gs.Constant) else value))
         else:
             inputs.append(gs.Variable(tensor.name, dtype=tensor.dtype, shape=tensor.shape))
             graph.inputs.append(inputs[-1])

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 Dim = int | None
 """A tensor dimension in a spec: an int when static, None when it is symbolic or unknown."""
@@ -121,9 +122,15 @@ class NotLowerable(Exception):
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a tensor known at rewrite time: an initializer or a Constant node's output."""
+    """The value of a tensor known at rewrite time: an initializer or a Constant node's output.
+
+    A lazily loaded initializer is loaded without keeping the array on the tensor, so it stays
+    lazy and graphsurgeon exports its original TensorProto: weights in external data stay
+    references (their `load` is a memory-mapped view, `convlower.weights.ExternalValues`) and
+    inline weights are not copied into the exported model a second time."""
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        values = tensor._values
+        return np.asarray(values.load() if isinstance(values, LazyValues) else values)
     if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
         attrs = tensor.inputs[0].attrs
         if "value" in attrs and isinstance(attrs["value"], gs.Constant):
