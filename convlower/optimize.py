@@ -424,6 +424,7 @@ def _confirm_in_context(
                 by_name[name].chosen = ORIGINAL
         if context["kept"]:
             kept, baseline = trial, session
+        del session  # a big model's weights: at most two sessions alive at once
     return kept
 
 
@@ -480,6 +481,7 @@ def _guard(
                 report.profiles[index].update(original_ms=paired.a.median_ms, optimized_ms=paired.b.median_ms,
                                               speedup=1 / paired.ratio, interval=[1 / paired.high, 1 / paired.low])
         report.original_ms, report.optimized_ms = pairs[0].a.median_ms, pairs[0].b.median_ms
+        del before, after  # at most two sessions alive at once: a big model holds its weights in each
         if all(p.high < 1 for p in pairs) and any(p.high < 1 - MODEL_MIN_GAIN for p in pairs):
             return optimized
         worst = max(pairs, key=lambda p: p.high)
