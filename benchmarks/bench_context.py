@@ -12,6 +12,9 @@ speedup with its 95% interval, and an independent paired A/B of the written mode
 input. A harness check first times each input model against itself: it must read 1.00x within
 the interval printed beside it.
 
+`--profiles` instead optimizes each OCR model once with two shape profiles and times the written
+model against the input at each profile (paired, 95% interval): it must not be slower at either.
+
 Models: `residual_chain` (a CRNN-style stage: 1x1 Convs followed by residual Adds, see
 convlower.models.builders), `conv_block`, and, where benchmarks/real_models.py has downloaded
 them, the PP-OCRv4 recognizer and detector (`ocr_rec`, `ocr_det`).
@@ -73,6 +76,30 @@ def one_run(model: onnx.ModelProto, shapes: dict, confirm: bool, runner: Runner)
                interval if chosen else None, 1 / paired.ratio, (1 / paired.high, 1 / paired.low), report.tuning.get("seconds", 0.0))
 
 
+PROFILES = {"ocr_rec": [(1, 3, 48, 320), (1, 3, 48, 960)], "ocr_det": [(1, 3, 320, 320), (1, 3, 640, 640)]}
+
+
+def profile_rows(available: dict, runner: Runner) -> list[str]:
+    """Each OCR model optimized for two profiles, then timed against its input at each."""
+    lines = ["| model | profile | nodes chosen | guard reverts | guard measured [95%] | independent A/B [95%] |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, shapes in PROFILES.items():
+        if name not in available:
+            continue
+        model = available[name][0]
+        print(f"{name} two profiles ...", file=sys.stderr, flush=True)
+        result = convlower.optimize(model, input_shapes={"x": shapes}, cache=None, provider="cpu")
+        chosen = sum(1 for n in result.report.nodes if n.chosen != "original")
+        for index, shape in enumerate(shapes):
+            feeds = input_sets(model, input_shapes={"x": shape}, runs=1, seed=7)[0]
+            paired = time_paired(runner.session(model).runner_for(feeds), runner.session(result.model).runner_for(feeds), AB)
+            profile = result.report.profiles[index]
+            guard = fmt(profile.get("speedup"), tuple(profile["interval"]) if "interval" in profile else None)
+            lines.append(f"| {name} | x {'x'.join(map(str, shape))} | {chosen} | {len(result.report.reverted)} | {guard} "
+                         f"| {fmt(1 / paired.ratio, (1 / paired.high, 1 / paired.low))} |")
+    return lines
+
+
 def fmt(value: float | None, interval: tuple[float, float] | None = None) -> str:
     if value is None:
         return "-"
@@ -85,10 +112,18 @@ def main() -> int:
     parser.add_argument("--models", default=None, help="comma-separated (default: all found)")
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--profiles", action="store_true", help="the two-profile runs instead")
     args = parser.parse_args()
 
     runner = Runner("cpu")
     available = models(args.corpus)
+    if args.profiles:
+        table = "\n".join([f"onnxruntime {ort.__version__} on {runner.provider} ({runner.device}); two profiles", ""]
+                          + profile_rows(available, runner))
+        print(table)
+        if args.markdown:
+            args.markdown.write_text(table + "\n", encoding="utf-8")
+        return 0
     names = args.models.split(",") if args.models else list(available)
     lines = [f"onnxruntime {ort.__version__} on {runner.provider} ({runner.device}); {args.repeat} runs per mode", "",
              "| model | self-check (A vs A) | mode | run | nodes chosen | guard reverts | predicted | guard measured [95%] "
