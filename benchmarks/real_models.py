@@ -39,6 +39,8 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from convlower.passes.base import onnx_nodes
+
 DEFAULT_CACHE = Path(os.environ.get("CONVLOWER_CORPUS", Path.home() / ".cache" / "convlower-corpus"))
 CONV_OPS = ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv")
 
@@ -134,16 +136,9 @@ def describe(path: Path) -> dict:
     """What the file declares: producer, opsets, graph inputs, and the Conv-like ops (subgraphs included)."""
     proto = onnx.load(str(path), load_external_data=False)
     counts: dict[str, int] = {}
-
-    def walk(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            if node.op_type in CONV_OPS:
-                counts[node.op_type] = counts.get(node.op_type, 0) + 1
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                    walk(sub)
-
-    walk(proto.graph)
+    for node in onnx_nodes(proto.graph):
+        if node.op_type in CONV_OPS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
     initializers = {i.name for i in proto.graph.initializer}
     inputs = []
     for value in proto.graph.input:
