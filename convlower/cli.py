@@ -65,8 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", action="append", default=[], metavar="OP=V1,V2", help="limit the variants tried for an op")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default by dtype)")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default by dtype)")
-    p.add_argument("--no-confirm", action="store_true",
-                   help="trust the per-node timings: skip confirming each group's choice in the whole model")
+    confirm = p.add_mutually_exclusive_group()
+    confirm.add_argument("--confirm", choices=("model", "neighbours"), default="model",
+                         help="where each group's choice is confirmed before the guard: the whole model (default) "
+                              "or a micro-model of the group's fusable neighbours")
+    confirm.add_argument("--no-confirm", action="store_true",
+                         help="trust the per-node timings: skip confirming each group's choice in context")
     p.add_argument("--no-guard", action="store_true", help="skip the whole-model check and timing (and the confirmation)")
     p.add_argument("--force", action="store_true", help="allow the output to overwrite the input")
 
@@ -152,7 +156,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     result = optimize(
         args.model, input_shapes=_profiles(args.input_shape), inputs=args.inputs, provider=args.provider,
         threads=args.threads, cache=cache, variants=args.variants, atol=args.atol, rtol=args.rtol,
-        guard=not args.no_guard, confirm=not args.no_confirm, progress=sys.stderr.isatty(),
+        guard=not args.no_guard, confirm=False if args.no_confirm else args.confirm, progress=sys.stderr.isatty(),
     )
     save_model(result.model, out, protect=args.model, force=args.force)
     write_text_atomic(report_path, result.report.to_json())

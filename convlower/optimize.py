@@ -32,12 +32,13 @@ from convlower.passes.base import constant_value, onnx_dtype, onnx_nodes
 
 from . import __version__
 from .cache import TuningCache, default_cache_path
+from .context import NoNeighbourhood, time_in_neighbourhood
 from .errors import UsageError
 from .inputs import Feeds, feeds_shapes
 from .modelio import ModelLike, default_opset, load_model
 from .report import NodeReport, Report
 from .rewrite import PlannedNode, all_graphs, apply_choices, finish, import_graph, plan_nodes, unlowered_conv_ops
-from .runner import PairedPolicy, PairedRatio, RunError, Runner, TimingPolicy, time_paired
+from .runner import PairedPolicy, PairedRatio, RunError, Runner, Session, TimingPolicy, time_paired
 from .shapes import InputInfo, ShapeProfiles, graph_inputs, resolve_shapes, shape_profiles, with_static_inputs
 from .tune import ORIGINAL, NodeTuning, VariantOutcome, choose_across, tune_node, tuning_key
 from .verify import VerifyResult, given_arrays, input_sets, verify
@@ -108,7 +109,7 @@ def optimize(
     atol: float | None = None,
     rtol: float | None = None,
     guard: bool = True,
-    confirm: bool = True,
+    confirm: bool | str = "model",
     progress: bool = False,
 ) -> OptimizeResult:
     """Tune every Conv-like node on onnxruntime and return the fastest verified model with a report.
@@ -118,11 +119,13 @@ def optimize(
     at each, a variant replaces a node only where it is not slower at any, and the guard checks
     every profile. `cache` is a path, a `redis://` URL, a list of those (front first), a
     `TuningCache`, None for no cache, or by default the user's cache folder.
-    `variants` limits the tuner (`{"conv": ["im2col"]}` or `["conv=im2col"]`). With
-    `confirm=False` the per-node choices are not confirmed one group at a time in the whole model
-    (`_confirm_in_context`), only by the guard. With `guard=False` the whole model is neither
+    `variants` limits the tuner (`{"conv": ["im2col"]}` or `["conv=im2col"]`). `confirm` is how
+    the per-node choices are confirmed one group at a time before the guard (`_confirm_in_context`):
+    "model" (or True) times each group's choice in the whole model, "neighbours" in a micro-model
+    of the group's fusable neighbourhood (`convlower.context`), False not at all (the guard only). With `guard=False` the whole model is neither
     verified nor timed (each node still is), nor are the choices confirmed.
     """
+    method = confirm_method(confirm)
     proto = inline_foreign_functions(load_model(model))
     allowed = parse_variant_filter(variants)
     runner = Runner(provider, threads, quiet=True)
@@ -188,9 +191,11 @@ def optimize(
 
     choices = {n.name: n.chosen for n in report.nodes if n.chosen != ORIGINAL}
     timing_feeds = [input_sets(proto, input_shapes=shapes, inputs=feeds, runs=1, seed=1234)[0] for shapes in profiles]
-    if confirm and guard:
+    if method and guard:
         members = {key: [entry.name for entry, _ in group] for key, group in groups.items()}
-        choices = _confirm_in_context(proto, choices, members, report, runner, timing_feeds)
+        confirming = time.perf_counter()
+        choices = _confirm_in_context(proto, choices, members, report, runner, timing_feeds, method)
+        report.tuning["confirm_seconds"] = round(time.perf_counter() - confirming, 3)
     optimized = apply_choices(proto, choices) if choices else proto
     if guard:
         optimized = _guard(proto, optimized, choices, report, runner, profiles, feeds, timing_feeds, atol, rtol)
@@ -382,6 +387,22 @@ def _shape_text(shapes: dict[str, tuple[int, ...]]) -> str:
     return ", ".join("x".join(map(str, s)) for s in shapes.values())
 
 
+CONFIRM_METHODS = ("model", "neighbours")
+
+
+def confirm_method(confirm: bool | str) -> str | None:
+    """The confirmation `optimize(confirm=...)` asks for: "model", "neighbours", or None for off
+    (True is "model", the default)."""
+    if confirm is True:
+        return "model"
+    if confirm is False or confirm is None:
+        return None
+    if confirm in CONFIRM_METHODS:
+        return str(confirm)
+    raise UsageError(f"confirm={confirm!r} is not a confirmation method",
+                     f"use one of {', '.join(CONFIRM_METHODS)}, or False for none")
+
+
 def _confirm_in_context(
     original: onnx.ModelProto,
     choices: dict[str, str],
@@ -389,44 +410,96 @@ def _confirm_in_context(
     report: Report,
     runner: Runner,
     timing_feeds: list[Feeds],
+    method: str = "model",
 ) -> dict[str, str]:
-    """The choices that also win in the whole model, confirmed one tuning group at a time.
+    """The choices that also win in context, confirmed one tuning group at a time.
 
     A node timed alone is not the node onnxruntime runs: on CPU it fuses a Conv with the
     activation or residual Add after it and keeps chains of Conv in its blocked NCHWc layout, and
     a node lowered to MatMul in the middle of a chain loses both and pays layout conversions. So
     each group of identical nodes (largest predicted gain first) is added to the choices kept so
     far only when the model with it is faster than the model without it by the guard's rule,
-    with confidence (`_clear_gain`). Each kept group's in-context
-    ratio (at the first profile; every profile's under "profiles") goes to its nodes' reports
-    (`context`); a group that loses in context goes back to the original with the measured ratio
-    as its reason, so the guard does not have to revert it.
+    with confidence (`_clear_gain`). The context is the whole model (`method` "model") or the
+    group's fusable neighbourhood (`method` "neighbours", `convlower.context`; a group with a node
+    in an If/Loop/Scan body is confirmed in the whole model). Each group's ratio (at the first
+    profile; every profile's under "profiles") and the method that measured it go to its nodes'
+    reports (`context`); a neighbourhood's also has "saved_ms", the time the choice saved there,
+    from which `Report.predicted_speedup` predicts the whole model. A group that loses in context
+    goes back to the original with the measured ratio as its reason, so the guard does not have
+    to revert it.
     """
     candidates = {key: [name for name in names if name in choices] for key, names in members.items()}
     candidates = {key: names for key, names in candidates.items() if names}
     by_name = {n.name: n for n in report.nodes}
     gain = {key: sum((by_name[n].original_ms or 0) - (by_name[n].chosen_ms or 0) for n in names) for key, names in candidates.items()}
+    trials = _Neighbourhoods(original, runner, timing_feeds) if method == "neighbours" else _WholeModel(original, runner, timing_feeds)
     kept: dict[str, str] = {}
-    baseline = runner.session(original)
     for key in sorted(candidates, key=gain.__getitem__, reverse=True):
-        trial = {**kept, **{name: choices[name] for name in candidates[key]}}
-        session = runner.session(apply_choices(original, trial))
-        pairs = [time_paired(baseline.runner_for(f), session.runner_for(f), CONTEXT_POLICY, threshold=1 - MODEL_MIN_GAIN)
-                 for f in timing_feeds]
+        group = {name: choices[name] for name in candidates[key]}
+        pairs, measured_in = trials.measure(kept, group)
         worst = max(pairs, key=lambda p: p.high)
-        context = {**pairs[0].to_dict(), "kept": _clear_gain(pairs)}
+        context = {**pairs[0].to_dict(), "kept": _clear_gain(pairs), "method": measured_in}
+        if measured_in == "neighbours":
+            context["saved_ms"] = round(pairs[0].a.median_ms * (1 - pairs[0].ratio), 6)
         if len(pairs) > 1:
             context["profiles"] = [p.to_dict() for p in pairs]
+        where = "in its neighbourhood" if measured_in == "neighbours" else "in the whole model"
         for name in candidates[key]:
             by_name[name].context = context
             if not context["kept"]:
-                by_name[name].reason = (f"{by_name[name].chosen} won alone but not in the whole model (time ratio "
+                by_name[name].reason = (f"{by_name[name].chosen} won alone but not {where} (time ratio "
                                         f"{worst.ratio:.3f}, {worst.confidence:.0%} interval {worst.low:.3f}-{worst.high:.3f})")
                 by_name[name].chosen = ORIGINAL
         if context["kept"]:
-            kept, baseline = trial, session
-        del session  # a big model's weights: at most two sessions alive at once
+            kept = {**kept, **group}
+        trials.settle(context["kept"])
     return kept
+
+
+class _WholeModel:
+    """Confirmation in the whole model: the model with the choices kept so far against it with a
+    group's choice too, at every profile."""
+
+    def __init__(self, original: onnx.ModelProto, runner: Runner, timing_feeds: list[Feeds]):
+        self.original, self.runner, self.timing_feeds = original, runner, timing_feeds
+        self.baseline: tuple[dict[str, str], Session] | None = None
+        self.trial: tuple[dict[str, str], Session] | None = None
+
+    def measure(self, kept: dict[str, str], group: dict[str, str]) -> tuple[list[PairedRatio], str]:
+        if self.baseline is None or self.baseline[0] != kept:
+            self.baseline = None  # a big model's weights: at most two sessions alive at once
+            self.baseline = (dict(kept), self.runner.session(apply_choices(self.original, kept) if kept else self.original))
+        choices = {**kept, **group}
+        self.trial = (choices, self.runner.session(apply_choices(self.original, choices)))
+        before, after = self.baseline[1], self.trial[1]
+        return [time_paired(before.runner_for(f), after.runner_for(f), CONTEXT_POLICY, threshold=1 - MODEL_MIN_GAIN)
+                for f in self.timing_feeds], "model"
+
+    def settle(self, kept: bool) -> None:
+        """Keep the trial's session as the next baseline when its group was kept; drop it else."""
+        if kept:
+            self.baseline = self.trial
+        self.trial = None
+
+
+class _Neighbourhoods:
+    """Confirmation in each group's fusable neighbourhood (`convlower.context`) at every profile;
+    a group with no neighbourhood (a node in an If/Loop/Scan body) in the whole model."""
+
+    def __init__(self, original: onnx.ModelProto, runner: Runner, timing_feeds: list[Feeds]):
+        self.runner = runner
+        self.static = [with_static_inputs(original, feeds_shapes(f)) for f in timing_feeds]
+        self.whole = _WholeModel(original, runner, timing_feeds)
+
+    def measure(self, kept: dict[str, str], group: dict[str, str]) -> tuple[list[PairedRatio], str]:
+        try:
+            return [time_in_neighbourhood(static, group, self.runner, baseline=kept, policy=CONTEXT_POLICY,
+                                          threshold=1 - MODEL_MIN_GAIN) for static in self.static], "neighbours"
+        except NoNeighbourhood:
+            return self.whole.measure(kept, group)
+
+    def settle(self, kept: bool) -> None:
+        self.whole.settle(kept)
 
 
 def _guard(

@@ -30,7 +30,9 @@ class NodeReport:
     recognized: bool = False
     """Made by a recognizer from an exported idiom: `original_ms` is then its canonical function body's."""
     context: dict[str, Any] | None = None
-    """The choice confirmed in the whole model: time ratio with/without it, its interval, kept or not."""
+    """The choice confirmed in context: time ratio with/without it, its interval, kept or not, and
+    the method, "model" (the whole model) or "neighbours" (its fusable neighbourhood, with the
+    milliseconds saved there as "saved_ms")."""
     profiles: list[dict[str, Any]] | None = None
     """With several shape profiles: each one's input shapes, original median and variant outcomes."""
 
@@ -92,13 +94,21 @@ class Report:
 
     @property
     def predicted_speedup(self) -> float | None:
-        """What the kept choices predict for the whole model, beside the measured `speedup`: the
-        product of the in-context ratios of the groups confirmed in the whole model, else (no
-        confirmation ran) `isolated_predicted_speedup`."""
-        kept = {id(n.context): n.context["ratio"] for n in self.nodes if n.context and n.context["kept"] and n.chosen != "original"}
+        """What the kept choices predict for the whole model, beside the measured `speedup`, from
+        the groups confirmed in context: a group confirmed in the whole model contributes its
+        ratio (they multiply), one confirmed in its neighbourhood the milliseconds it saved there,
+        taken off the whole model's original median (the guard's, `original_ms`). Without any
+        confirmation, `isolated_predicted_speedup`."""
+        kept = {id(n.context): n.context for n in self.nodes if n.context and n.context["kept"] and n.chosen != "original"}
         if not kept:
             return self.isolated_predicted_speedup
-        return 1 / float(np.prod(list(kept.values())))
+        ratio = float(np.prod([c["ratio"] for c in kept.values() if c.get("method", "model") == "model"]))
+        saved = sum(c["saved_ms"] for c in kept.values() if c.get("method") == "neighbours")
+        if saved:
+            if not self.original_ms or saved >= self.original_ms:
+                return None
+            ratio *= (self.original_ms - saved) / self.original_ms
+        return 1 / ratio
 
     @property
     def isolated_predicted_speedup(self) -> float | None:
