@@ -169,8 +169,11 @@ class Report:
             return (f"nothing to lower: {why}" + (f"; found {found}, which convlower does not lower" if found else "")
                     + f"; wrote the input unchanged; {where}")
         lowered = sum(1 for n in self.nodes if n.chosen != "original")
-        lost = sum(1 for n in self.nodes if n.context and not n.context["kept"])
-        notes = ([f"{lost} won alone but not in the whole model"] if lost else []) + ([f"{len(self.reverted)} reverted"] if self.reverted else [])
+        losers = [n for n in self.nodes if n.context and not n.context["kept"]]
+        lost = len(losers)
+        lost_in = ("in their neighbourhoods" if losers and all(n.context.get("method") == "neighbours" for n in losers)
+                   else "in the whole model")
+        notes = ([f"{lost} won alone but not {lost_in}"] if lost else []) + ([f"{len(self.reverted)} reverted"] if self.reverted else [])
         counted = f"{lowered} of {len(self.nodes)} node(s) lowered" + (f" ({'; '.join(notes)})" if notes else "")
         if found:
             counted += f" ({found} not lowered: convlower has no variants for them)"
@@ -183,7 +186,7 @@ class Report:
         elif check.get("passed"):
             outcome = f"{self._speed()}; verified"
         elif check.get("unchanged"):
-            outcome = ("no choice held in the whole model" if lost else "no variant beat the original") + "; wrote the input unchanged"
+            outcome = (f"no choice held {lost_in}" if lost else "no variant beat the original") + "; wrote the input unchanged"
         else:
             outcome = f"{self._speed()}; NOT verified" + (" (guard off)" if check.get("skipped") else "")
         return f"{counted}; {outcome}; {where}"
