@@ -3,14 +3,17 @@
     python benchmarks/bench_context.py [--repeat 3] [--models residual_chain,conv_block,ocr_rec]
                                        [--corpus ~/.cache/convlower-corpus] [--markdown PATH]
 
-For each model, `convlower.optimize` runs `--repeat` times fresh (no cache) in two modes:
+For each model, `convlower.optimize` runs `--repeat` times fresh (no cache) in three modes:
 - isolated: choices from per-node micro-models alone (`confirm=False`); the guard is the only check;
-- in context: each group's choice is confirmed in the whole model first (the default).
+- in context (model): each group's choice is confirmed in the whole model first (the default);
+- in context (neighbours): each group's choice is confirmed in a micro-model of its fusable
+  neighbourhood instead (`confirm="neighbours"`, `convlower.context`).
 Per run: the nodes chosen, the guard's reverts, the speedup the choices predict (isolated: from the
-node timings; in context: the product of the confirmed groups' ratios), the guard's measured
-speedup with its 95% interval, and an independent paired A/B of the written model against the
-input. A harness check first times each input model against itself: it must read 1.00x within
-the interval printed beside it.
+node timings; model: the product of the confirmed groups' ratios; neighbours: the ms the groups
+saved in their neighbourhoods taken off the guard's original median), the guard's measured
+speedup with its 95% interval, an independent paired A/B of the written model against the
+input, and the seconds spent tuning and confirming. A harness check first times each input model
+against itself: it must read 1.00x within the interval printed beside it.
 
 `--profiles` instead optimizes each OCR model once with two shape profiles and times the written
 model against the input at each profile (paired, 95% interval): it must not be slower at either.
@@ -62,9 +65,10 @@ class Run:
     ab: float
     ab_interval: tuple[float, float]
     tuning_s: float
+    confirm_s: float | None
 
 
-def one_run(model: onnx.ModelProto, shapes: dict, confirm: bool, runner: Runner) -> Run:
+def one_run(model: onnx.ModelProto, shapes: dict, confirm: bool | str, runner: Runner) -> Run:
     result = convlower.optimize(model, input_shapes=shapes, cache=None, provider="cpu", confirm=confirm)
     report = result.report
     check = report._primary_check()
@@ -73,8 +77,11 @@ def one_run(model: onnx.ModelProto, shapes: dict, confirm: bool, runner: Runner)
     paired = time_paired(runner.session(model).runner_for(feeds), runner.session(result.model).runner_for(feeds), AB)
     chosen = sum(1 for n in report.nodes if n.chosen != "original")
     return Run(chosen, len(report.reverted), report.predicted_speedup if chosen else None, report.speedup if chosen else None,
-               interval if chosen else None, 1 / paired.ratio, (1 / paired.high, 1 / paired.low), report.tuning.get("seconds", 0.0))
+               interval if chosen else None, 1 / paired.ratio, (1 / paired.high, 1 / paired.low), report.tuning.get("seconds", 0.0),
+               report.tuning.get("confirm_seconds"))
 
+
+MODES = (("isolated", False), ("in context (model)", "model"), ("in context (neighbours)", "neighbours"))
 
 PROFILES = {"ocr_rec": [(1, 3, 48, 320), (1, 3, 48, 960)], "ocr_det": [(1, 3, 320, 320), (1, 3, 640, 640)]}
 
@@ -127,22 +134,25 @@ def main() -> int:
     names = args.models.split(",") if args.models else list(available)
     lines = [f"onnxruntime {ort.__version__} on {runner.provider} ({runner.device}); {args.repeat} runs per mode", "",
              "| model | self-check (A vs A) | mode | run | nodes chosen | guard reverts | predicted | guard measured [95%] "
-             "| independent A/B [95%] | tuning s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| independent A/B [95%] | tuning s | confirm s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in names:
         model, shapes = available[name]
         feeds = input_sets(model, input_shapes=shapes, runs=1, seed=7)[0]
         session = runner.session(model)
         self_check = time_paired(session.runner_for(feeds), runner.session(model).runner_for(feeds), AB)
         noise = fmt(1 / self_check.ratio, (1 / self_check.high, 1 / self_check.low))
-        for mode, confirm in (("isolated", False), ("in context", True)):
+        for mode, confirm in MODES:
             for index in range(args.repeat):
                 print(f"{name} {mode} run {index + 1} ...", file=sys.stderr, flush=True)
                 run = one_run(model, shapes, confirm, runner)
                 lines.append(f"| {name} | {noise} | {mode} | {index + 1} | {run.chosen} | {run.reverts} | {fmt(run.predicted)} "
-                             f"| {fmt(run.measured, run.interval)} | {fmt(run.ab, run.ab_interval)} | {run.tuning_s:.1f} |")
-    lines += ["", "predicted: isolated = original time over (time - node gains measured alone); in context = product of the "
-              "confirmed groups' whole-model ratios. measured: the guard's paired median ratio of the written model. "
+                             f"| {fmt(run.measured, run.interval)} | {fmt(run.ab, run.ab_interval)} | {run.tuning_s:.1f} "
+                             f"| {'-' if run.confirm_s is None else f'{run.confirm_s:.1f}'} |")
+    lines += ["", "predicted: isolated = original time over (time - node gains measured alone); in context (model) = product "
+              "of the confirmed groups' whole-model ratios; in context (neighbours) = the guard's original time over (time - ms "
+              "the confirmed groups saved in their neighbourhoods). confirm s: time spent confirming. "
+              "measured: the guard's paired median ratio of the written model. "
               "independent A/B: a separate paired timing of the written model against the input, after optimize returned."]
     table = "\n".join(lines)
     print(table)

@@ -56,7 +56,7 @@ def neighbourhood(model: onnx.ModelProto, node_names: list[str], depth: int = 1)
     `model` should have static input shapes (`convlower.shapes.with_static_inputs`): the boundary
     tensors' shapes are those shape inference finds. Node names are as `plan_nodes` names them
     (the names optimize reports). Raises NoNeighbourhood for a node that is not in the main graph
-    (in an If/Loop/Scan body, or absent) and for a boundary tensor whose rank is unknown.
+    (in an If/Loop/Scan body, or absent) and for a boundary tensor whose type or rank is unknown.
     """
     graph = import_graph(model)
     planned = plan_nodes(graph, default_opset(model))  # names the unnamed Conv-like nodes as optimize does
@@ -183,8 +183,8 @@ def _cut(graph: gs.Graph, nodes: list[gs.Node]) -> gs.Graph:
         for index, tensor in enumerate(node.inputs):
             if tensor.is_empty() or id(tensor) in made or isinstance(tensor, gs.Constant):
                 continue
-            if tensor.shape is None:
-                raise NoNeighbourhood(f"the rank of {tensor.name!r}, an input of the neighbourhood, is unknown")
+            if tensor.shape is None or tensor.dtype is None:
+                raise NoNeighbourhood(f"the type or rank of {tensor.name!r}, an input of the neighbourhood, is unknown")
             if tensor.name not in boundary:
                 boundary[tensor.name] = gs.Variable(tensor.name, dtype=tensor.dtype, shape=tensor.shape)
             node.inputs[index] = boundary[tensor.name]
