@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+import numpy as np
 import onnx
 import onnx.inliner
 import onnx_graphsurgeon as gs
@@ -45,6 +46,16 @@ from .verify import VerifyResult, given_arrays, input_sets, verify
 MODEL_MIN_GAIN = 0.01
 """The optimized whole model is kept only when it is this much faster with `MODEL_POLICY.confidence`:
 the whole interval of its time ratio to the original lies below 1 - MODEL_MIN_GAIN."""
+CONFIRM_MIN_GAIN = 0.02
+"""A group's choice is kept in context only when the model with it is this much faster with
+confidence: twice the guard's `MODEL_MIN_GAIN`. The guard measures the kept choices again, and a
+gain just clear of its own threshold in one measurement is inside it in the next about half the
+time; with the margin, what the confirmation keeps the guard keeps."""
+NEAR_TIE = 0.10
+"""Variants whose node time came within this of the chosen one's are tried in context too: node
+times that close do not say which is faster in the model, and choosing between them by node time
+alone made repeated runs choose differently."""
+MAX_CONTENDERS = 3
 GUARD_ROUNDS = 3
 NODE_POLICY = TimingPolicy(warmup=2, min_runs=10, max_runs=200, budget_s=1.0)
 MODEL_POLICY = PairedPolicy(min_rounds=10, max_rounds=400, budget_s=6.0, confidence=0.95)
@@ -396,11 +407,12 @@ def _confirm_in_context(
     activation or residual Add after it and keeps chains of Conv in its blocked NCHWc layout, and
     a node lowered to MatMul in the middle of a chain loses both and pays layout conversions. So
     each group of identical nodes (largest predicted gain first) is added to the choices kept so
-    far only when the model with it is faster than the model without it by the guard's rule,
-    with confidence (`_clear_gain`). Each kept group's in-context
-    ratio (at the first profile; every profile's under "profiles") goes to its nodes' reports
-    (`context`); a group that loses in context goes back to the original with the measured ratio
-    as its reason, so the guard does not have to revert it.
+    far only when the model with it is faster than the model without it by `CONFIRM_MIN_GAIN`,
+    with confidence (`_clear_gain`). Variants whose node times were within `NEAR_TIE` of the
+    chosen one's are timed in the model too, and the fastest there is kept. Each group's
+    in-context ratio (at the first profile; every profile's under "profiles") goes to its nodes'
+    reports (`context`); a group that loses in context goes back to the original with the
+    measured ratio as its reason, so the guard does not have to revert it.
     """
     candidates = {key: [name for name in names if name in choices] for key, names in members.items()}
     candidates = {key: names for key, names in candidates.items() if names}
@@ -409,24 +421,77 @@ def _confirm_in_context(
     kept: dict[str, str] = {}
     baseline = runner.session(original)
     for key in sorted(candidates, key=gain.__getitem__, reverse=True):
-        trial = {**kept, **{name: choices[name] for name in candidates[key]}}
-        session = runner.session(apply_choices(original, trial))
-        pairs = [time_paired(baseline.runner_for(f), session.runner_for(f), CONTEXT_POLICY, threshold=1 - MODEL_MIN_GAIN)
-                 for f in timing_feeds]
-        worst = max(pairs, key=lambda p: p.high)
-        context = {**pairs[0].to_dict(), "kept": _clear_gain(pairs)}
-        if len(pairs) > 1:
-            context["profiles"] = [p.to_dict() for p in pairs]
-        for name in candidates[key]:
-            by_name[name].context = context
-            if not context["kept"]:
-                by_name[name].reason = (f"{by_name[name].chosen} won alone but not in the whole model (time ratio "
-                                        f"{worst.ratio:.3f}, {worst.confidence:.0%} interval {worst.low:.3f}-{worst.high:.3f})")
-                by_name[name].chosen = ORIGINAL
-        if context["kept"]:
-            kept, baseline = trial, session
-        del session  # a big model's weights: at most two sessions alive at once
+        names = candidates[key]
+        tried: dict[str, list[PairedRatio]] = {}
+        for variant in _contenders(by_name[names[0]]):
+            session = runner.session(apply_choices(original, {**kept, **{name: variant for name in names}}))
+            tried[variant] = [time_paired(baseline.runner_for(f), session.runner_for(f), CONTEXT_POLICY,
+                                          threshold=1 - CONFIRM_MIN_GAIN) for f in timing_feeds]
+            del session  # a big model's weights: at most two sessions alive at once
+        winners = [v for v, pairs in tried.items() if _clear_gain(pairs, CONFIRM_MIN_GAIN)]
+        best = min(winners or tried, key=lambda v: _mean_ratio(tried[v]))
+        _record_context(by_name, names, best, tried, kept=bool(winners))
+        if winners:
+            kept.update({name: best for name in names})
+            del baseline
+            baseline = runner.session(apply_choices(original, kept))
     return kept
+
+
+def _contenders(node: NodeReport) -> list[str]:
+    """The node's chosen variant, then up to `MAX_CONTENDERS` - 1 others verified at every profile
+    whose node time there came within `NEAR_TIE` of the chosen one's (and, for a node that has an
+    original to keep, not above the original's), fastest first."""
+    tables = [(p["variants"], p["original_ms"]) for p in node.profiles] if node.profiles else [(node.variants, node.original_ms)]
+
+    def ratios(variant: str) -> list[float] | None:
+        found = []
+        for variants, original_ms in tables:
+            outcome, chosen = variants.get(variant, {}), variants.get(node.chosen, {})
+            if outcome.get("status") != "ok" or outcome.get("ms") is None or not chosen.get("ms"):
+                return None
+            if not node.recognized and original_ms is not None and outcome["ms"] > original_ms:
+                return None
+            found.append(outcome["ms"] / chosen["ms"])
+        return found
+
+    near = []
+    for variant in tables[0][0]:
+        found = ratios(variant) if variant not in (node.chosen, "native") else None
+        if found is not None and max(found) <= 1 + NEAR_TIE:
+            near.append((float(np.mean(found)), variant))
+    return [node.chosen] + [variant for _, variant in sorted(near)[:MAX_CONTENDERS - 1]]
+
+
+def _mean_ratio(pairs: list[PairedRatio]) -> float:
+    """The geometric mean of the profiles' time ratios."""
+    return float(np.exp(np.mean(np.log([p.ratio for p in pairs]))))
+
+
+def _record_context(by_name: dict[str, NodeReport], names: list[str], best: str,
+                    tried: dict[str, list[PairedRatio]], *, kept: bool) -> None:
+    """Each node's `context`: the in-context ratio of `best` (and of every contender timed), and
+    the reason when the group went back to the original or changed variant in context."""
+    pairs = tried[best]
+    context: dict[str, object] = {**pairs[0].to_dict(), "kept": kept, "variant": best}
+    if len(pairs) > 1:
+        context["profiles"] = [p.to_dict() for p in pairs]
+    if len(tried) > 1:
+        context["contenders"] = {v: {"ratio": round(_mean_ratio(p), 4), "interval": [round(p[0].low, 4), round(p[0].high, 4)]}
+                                 for v, p in tried.items()}
+    worst = max(pairs, key=lambda p: p.high)
+    measured = f"time ratio {worst.ratio:.3f}, {worst.confidence:.0%} interval {worst.low:.3f}-{worst.high:.3f}"
+    for name in names:
+        node = by_name[name]
+        node.context = context
+        if not kept:
+            which = node.chosen if len(tried) == 1 else f"{node.chosen} and the variants near it ({', '.join(list(tried)[1:])})"
+            node.reason = f"{which} won alone but not in the whole model ({best}: {measured})"
+            node.chosen = ORIGINAL
+        elif best != node.chosen:
+            node.reason = (f"{best} chosen over {node.chosen} in the whole model ({best} {_mean_ratio(pairs):.3f}, "
+                           f"{node.chosen} {_mean_ratio(tried[node.chosen]):.3f})")
+            node.chosen = best
 
 
 def _guard(
@@ -499,12 +564,12 @@ def _guard(
     return original
 
 
-def _clear_gain(pairs: list[PairedRatio]) -> bool:
+def _clear_gain(pairs: list[PairedRatio], min_gain: float = MODEL_MIN_GAIN) -> bool:
     """B is faster than A with confidence: the interval of B/A lies below 1 at every profile, and
-    below 1 - MODEL_MIN_GAIN at one at least. The same rule for a group's choice in context and
-    for the whole model: a gain smaller than the noise is not taken, as the groups whose measured
-    ratio was lucky would otherwise add up to a prediction the written model does not meet."""
-    return all(p.high < 1 for p in pairs) and any(p.high < 1 - MODEL_MIN_GAIN for p in pairs)
+    below 1 - `min_gain` at one at least. A gain smaller than the noise is not taken, as groups
+    whose measured ratio was lucky would otherwise add up to a prediction the written model does
+    not meet."""
+    return all(p.high < 1 for p in pairs) and any(p.high < 1 - min_gain for p in pairs)
 
 
 def _disagreement(check: VerifyResult) -> str:

@@ -95,10 +95,28 @@ class Report:
         """What the kept choices predict for the whole model, beside the measured `speedup`: the
         product of the in-context ratios of the groups confirmed in the whole model, else (no
         confirmation ran) `isolated_predicted_speedup`."""
-        kept = {id(n.context): n.context["ratio"] for n in self.nodes if n.context and n.context["kept"] and n.chosen != "original"}
+        kept = self._kept_contexts()
         if not kept:
             return self.isolated_predicted_speedup
-        return 1 / float(np.prod(list(kept.values())))
+        return 1 / float(np.prod([c["ratio"] for c in kept]))
+
+    @property
+    def predicted_interval(self) -> list[float] | None:
+        """The interval of `predicted_speedup` from its factors' intervals, their errors taken as
+        independent (added in quadrature on the log scale): a measured speedup outside it
+        disagrees with the prediction by more than the noise of the measurements behind it."""
+        kept = self._kept_contexts()
+        if not kept:
+            return None
+        center = sum(np.log(c["ratio"]) for c in kept)
+        below = np.sqrt(sum(np.log(c["ratio"] / c["interval"][0]) ** 2 for c in kept))
+        above = np.sqrt(sum(np.log(c["interval"][1] / c["ratio"]) ** 2 for c in kept))
+        return [float(np.exp(-(center + above))), float(np.exp(-(center - below)))]
+
+    def _kept_contexts(self) -> list[dict[str, Any]]:
+        """The in-context measurement of every group whose choice is in the written model, once each."""
+        kept = {id(n.context): n.context for n in self.nodes if n.context and n.context["kept"] and n.chosen != "original"}
+        return list(kept.values())
 
     @property
     def isolated_predicted_speedup(self) -> float | None:
@@ -119,7 +137,8 @@ class Report:
             "threads": self.threads,
             "nodes": [n.to_dict() for n in self.nodes],
             "model": {"original_ms": self.original_ms, "optimized_ms": self.optimized_ms, "speedup": self.speedup,
-                      "predicted_speedup": self.predicted_speedup, "isolated_predicted_speedup": self.isolated_predicted_speedup},
+                      "predicted_speedup": self.predicted_speedup, "predicted_interval": self.predicted_interval,
+                      "isolated_predicted_speedup": self.isolated_predicted_speedup},
             "verification": self.verification,
             "guard": {"reverted": self.reverted, "timings": self.guard_timings},
             "tuning": self.tuning,
