@@ -252,11 +252,12 @@ def test_a_choice_that_wins_alone_but_loses_in_the_whole_model_is_not_kept(extra
     assert "0 of 2 node(s) lowered (2 won alone but not in the whole model); no choice held in the whole model" in report.summary()
 
 
-def test_variants_near_the_chosen_one_are_timed_in_context_too(extra_conv_variants) -> None:
-    """The chosen variant and one whose node time came within NEAR_TIE of it are both timed in
-    the whole model; both lose there, the group goes back to the original, and the reason and
-    the report name both."""
-    slow, slower = slow_native(128, 2), replace(slow_native(128, 3), name="slower_native")
+def test_a_variant_near_the_chosen_one_meets_it_in_the_model_and_the_faster_there_is_confirmed(extra_conv_variants) -> None:
+    """slow_native was chosen alone; a much slower variant whose node time came within NEAR_TIE
+    of it meets it in the whole model and loses that duel; slow_native is then timed against the
+    model without it, loses too, and the group goes back to the original. The report keeps the
+    duel and the reason names both."""
+    slow, slower = slow_native(96, 1), replace(slow_native(160, 3), name="slower_native")
     extra_conv_variants(slow, slower)
     model = chain_model(["a", "b"])
     runner = Runner("cpu")
@@ -266,9 +267,30 @@ def test_variants_near_the_chosen_one_are_timed_in_context_too(extra_conv_varian
                                [random_feeds(model, {"x": (1, 4, 8, 8)})])
     node = report.nodes[0]
     assert kept == {} and node.chosen == ORIGINAL
-    assert set(node.context["contenders"]) == {"slow_native", "slower_native"}
-    assert all(c["interval"][0] > 1 for c in node.context["contenders"].values())
-    assert node.reason.startswith("slow_native and the variants near it (slower_native) won alone but not in the whole model")
+    duel = node.context["duels"]["slower_native"]
+    assert duel["against"] == "slow_native" and duel["won"] is False and duel["interval"][0] > 1
+    assert node.context["variant"] == "slow_native" and node.context["interval"][0] > 1
+    assert node.reason.startswith("slow_native won alone but not in the whole model")
+    assert "(slower_native) were no faster in the model" in node.reason
+
+
+def test_a_challenger_faster_in_the_model_takes_the_group(extra_conv_variants) -> None:
+    """The reverse: the chosen variant is the slow one, the challenger (the native Conv under
+    another name) beats it in the model, and is the variant the group is confirmed with."""
+    extra_conv_variants(slow_native(160, 3), SimpleVariant("same_as_native", why_not_native, build_native, "the Conv itself"))
+    model = chain_model(["a"])
+    runner = Runner("cpu")
+    report = guard_report(runner, {"a": ("slow_native", 1.0, 0.5)})
+    report.nodes[0].variants = {"slow_native": {"status": "ok", "ms": 0.5}, "same_as_native": {"status": "ok", "ms": 0.55}}
+    _confirm_in_context(model, {"a": "slow_native"}, {"group a": ["a"]}, report, runner, [random_feeds(model, {"x": (1, 4, 8, 8)})])
+    node = report.nodes[0]
+    duel = node.context["duels"]["same_as_native"]
+    assert duel["against"] == "slow_native" and duel["won"] is True and duel["interval"][1] < 1
+    assert node.context["variant"] == "same_as_native"
+    if node.context["kept"]:
+        assert node.chosen == "same_as_native" and node.reason.startswith("same_as_native chosen over slow_native")
+    else:
+        assert node.chosen == ORIGINAL and node.reason.startswith("same_as_native won alone but not in the whole model")
 
 
 def contender_report(recognized: bool = False, **variants: float | None) -> NodeReport:
@@ -281,7 +303,7 @@ def contender_report(recognized: bool = False, **variants: float | None) -> Node
 def test_contenders_are_the_verified_variants_within_the_near_tie_margin_fastest_first() -> None:
     near, far = 0.5 * (1 + NEAR_TIE / 2), 0.5 * (1 + 2 * NEAR_TIE)
     node = contender_report(best=0.5, native=0.5, second=near, third=0.5 * (1 + NEAR_TIE / 4), far=far, wrong=None)
-    assert _contenders(node) == ["best", "third", "second"][:MAX_CONTENDERS]
+    assert _contenders(node) == ["best", "second", "third"][:MAX_CONTENDERS], "the registry's order"
     assert _contenders(contender_report(best=0.5, far=far)) == ["best"]
 
 
