@@ -555,7 +555,8 @@ def _guard(
             _revert(report, list(choices), f"the optimized model's outputs disagree with the original's: {reason}")
             return original
         report.verification = {"passed": True, "unchanged": False, **errors}
-        before, after = runner.session(original), runner.session(optimized)
+        after = runner.session(optimized)
+        before = runner.session(original)  # made last: any edge a later session has goes to the original
         pairs = [time_paired(before.runner_for(f), after.runner_for(f), MODEL_POLICY, threshold=1 - MODEL_MIN_GAIN)
                  for f in timing_feeds]
         for index, paired in enumerate(pairs):
