@@ -20,13 +20,15 @@ inside and used outside (or a graph output) becomes an output, so nothing is dea
 Weights are the model's initializers, shared rather than copied: an external weight stays a
 reference to its data file, as in `convlower.tune.micro_model`.
 
-`time_in_neighbourhood` times a group's choice there: the neighbourhood with the choices kept so
+`InNeighbourhood` holds a group's neighbourhood at each profile and runs it with any choices
+applied, for optimize's confirmation to time variants in (`convlower.optimize._confirm_in_context`);
+`time_in_neighbourhood` times one group's choice there: the neighbourhood with the choices kept so
 far against it with the group's choice too, paired (`convlower.runner.time_paired`).
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -82,6 +84,31 @@ def neighbourhood(model: onnx.ModelProto, node_names: list[str], depth: int = 1)
     return finish(model, _cut(graph, [n for n in graph.nodes if id(n) in kept]))
 
 
+class InNeighbourhood:
+    """A group's neighbourhood at each profile, to time choices in: one micro-model per static
+    model given (one per profile) holding the neighbourhoods of all of `node_names`, with random
+    inputs (`convlower.verify.input_sets`, seeded). Raises NoNeighbourhood as `neighbourhood` does."""
+
+    method = "neighbours"
+
+    def __init__(self, static_models: Sequence[onnx.ModelProto], node_names: Sequence[str], runner: Runner,
+                 *, depth: int = 1, seed: int = 1234):
+        self.runner = runner
+        self.models = [neighbourhood(model, list(node_names), depth) for model in static_models]
+        self.feeds = [input_sets(model, runs=1, seed=seed)[0] for model in self.models]
+        self.inside = [{node.name for node in model.graph.node} for model in self.models]
+
+    def runs(self, choices: Mapping[str, str]) -> list[Callable[[], object]]:
+        """Per profile, a zero-argument run of the neighbourhood with the choices that fall inside
+        it applied (a choice elsewhere in the model does not change it)."""
+        found = []
+        for model, feeds, inside in zip(self.models, self.feeds, self.inside):
+            applied = {name: variant for name, variant in choices.items() if name in inside}
+            session = self.runner.session(apply_choices(model, applied) if applied else model, what="the neighbourhood")
+            found.append(session.runner_for(feeds))
+        return found
+
+
 def time_in_neighbourhood(
     model: onnx.ModelProto,
     choices: Mapping[str, str],
@@ -98,16 +125,12 @@ def time_in_neighbourhood(
     One micro-model holds the neighbourhoods of all the nodes in `choices` (a tuning group's
     members together). `baseline` are choices already kept elsewhere: those that fall inside the
     neighbourhood are applied on both sides, so a neighbour lowered before is lowered in A and B
-    alike. `model` needs static input shapes (see `neighbourhood`); the inputs are random
-    (`convlower.verify.input_sets`, seeded).
+    alike. `model` needs static input shapes (see `neighbourhood`).
     """
-    micro = neighbourhood(model, list(choices), depth)
-    inside = {node.name for node in micro.graph.node}
-    before = {name: variant for name, variant in (baseline or {}).items() if name in inside and name not in choices}
-    without = runner.session(apply_choices(micro, before) if before else micro, what="the neighbourhood")
-    with_choices = runner.session(apply_choices(micro, {**before, **choices}), what="the neighbourhood with the choice")
-    feeds = input_sets(micro, runs=1, seed=seed)[0]
-    return time_paired(without.runner_for(feeds), with_choices.runner_for(feeds), policy, threshold=threshold)
+    where = InNeighbourhood([model], list(choices), runner, depth=depth, seed=seed)
+    before = {name: variant for name, variant in (baseline or {}).items() if name not in choices}
+    (without,), (with_choices,) = where.runs(before), where.runs({**before, **choices})
+    return time_paired(without, with_choices, policy, threshold=threshold)
 
 
 def _conv_like(node: gs.Node) -> bool:

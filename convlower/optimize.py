@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
+import numpy as np
 import onnx
 import onnx.inliner
 import onnx_graphsurgeon as gs
@@ -32,13 +33,13 @@ from convlower.passes.base import constant_value, onnx_dtype, onnx_nodes
 
 from . import __version__
 from .cache import TuningCache, default_cache_path
-from .context import NoNeighbourhood, time_in_neighbourhood
+from .context import InNeighbourhood, NoNeighbourhood
 from .errors import UsageError
 from .inputs import Feeds, feeds_shapes
 from .modelio import ModelLike, default_opset, load_model
 from .report import NodeReport, Report
 from .rewrite import PlannedNode, all_graphs, apply_choices, finish, import_graph, plan_nodes, unlowered_conv_ops
-from .runner import PairedPolicy, PairedRatio, RunError, Runner, Session, TimingPolicy, time_paired
+from .runner import PairedPolicy, PairedRatio, RunError, Runner, TimingPolicy, time_paired
 from .shapes import InputInfo, ShapeProfiles, graph_inputs, resolve_shapes, shape_profiles, with_static_inputs
 from .tune import ORIGINAL, NodeTuning, VariantOutcome, choose_across, tune_node, tuning_key
 from .verify import VerifyResult, given_arrays, input_sets, verify
@@ -46,6 +47,17 @@ from .verify import VerifyResult, given_arrays, input_sets, verify
 MODEL_MIN_GAIN = 0.01
 """The optimized whole model is kept only when it is this much faster with `MODEL_POLICY.confidence`:
 the whole interval of its time ratio to the original lies below 1 - MODEL_MIN_GAIN."""
+CONFIRM_MIN_GAIN = 0.02
+"""A group's choice is kept in context only when the model with it is this much faster with
+confidence: twice the guard's `MODEL_MIN_GAIN`. The guard measures the kept choices again, and a
+gain just clear of its own threshold in one measurement is inside it in the next about half the
+time; with the margin, what the confirmation keeps the guard keeps."""
+NEAR_TIE = 0.25
+"""Variants whose node time came within this of the chosen one's meet it in the model: node times
+that close do not say which is faster there (the oracle's whole-model search found a seed_filter
+model 1.23x faster than the node times' choice), and choosing between them by node time alone
+made repeated runs choose differently."""
+MAX_CONTENDERS = 3
 GUARD_ROUNDS = 3
 NODE_POLICY = TimingPolicy(warmup=2, min_runs=10, max_runs=200, budget_s=1.0)
 MODEL_POLICY = PairedPolicy(min_rounds=10, max_rounds=400, budget_s=6.0, confidence=0.95)
@@ -119,11 +131,11 @@ def optimize(
     at each, a variant replaces a node only where it is not slower at any, and the guard checks
     every profile. `cache` is a path, a `redis://` URL, a list of those (front first), a
     `TuningCache`, None for no cache, or by default the user's cache folder.
-    `variants` limits the tuner (`{"conv": ["im2col"]}` or `["conv=im2col"]`). `confirm` is how
+    `variants` limits the tuner (`{"conv": ["im2col"]}` or `["conv=im2col"]`). `confirm` is where
     the per-node choices are confirmed one group at a time before the guard (`_confirm_in_context`):
-    "model" (or True) times each group's choice in the whole model, "neighbours" in a micro-model
-    of the group's fusable neighbourhood (`convlower.context`), False not at all (the guard only). With `guard=False` the whole model is neither
-    verified nor timed (each node still is), nor are the choices confirmed.
+    "model" (or True) in the whole model, "neighbours" in a micro-model of the group's fusable
+    neighbourhood (`convlower.context`), False nowhere (the guard only). With `guard=False` the
+    whole model is neither verified nor timed (each node still is), nor are the choices confirmed.
     """
     method = confirm_method(confirm)
     proto = inline_foreign_functions(load_model(model))
@@ -388,11 +400,13 @@ def _shape_text(shapes: dict[str, tuple[int, ...]]) -> str:
 
 
 CONFIRM_METHODS = ("model", "neighbours")
+Runs = list[Callable[[], object]]
+"""One zero-argument run per profile of a model in context (the whole model or a neighbourhood)."""
 
 
-def confirm_method(confirm: bool | str) -> str | None:
-    """The confirmation `optimize(confirm=...)` asks for: "model", "neighbours", or None for off
-    (True is "model", the default)."""
+def confirm_method(confirm: bool | str | None) -> str | None:
+    """Where `optimize(confirm=...)` confirms: "model", "neighbours", or None for nowhere (True
+    is "model", the default)."""
     if confirm is True:
         return "model"
     if confirm is False or confirm is None:
@@ -418,88 +432,141 @@ def _confirm_in_context(
     activation or residual Add after it and keeps chains of Conv in its blocked NCHWc layout, and
     a node lowered to MatMul in the middle of a chain loses both and pays layout conversions. So
     each group of identical nodes (largest predicted gain first) is added to the choices kept so
-    far only when the model with it is faster than the model without it by the guard's rule,
-    with confidence (`_clear_gain`). The context is the whole model (`method` "model") or the
-    group's fusable neighbourhood (`method` "neighbours", `convlower.context`; a group with a node
-    in an If/Loop/Scan body is confirmed in the whole model). Each group's ratio (at the first
-    profile; every profile's under "profiles") and the method that measured it go to its nodes'
-    reports (`context`); a neighbourhood's also has "saved_ms", the time the choice saved there,
-    from which `Report.predicted_speedup` predicts the whole model. A group that loses in context
-    goes back to the original with the measured ratio as its reason, so the guard does not have
-    to revert it.
+    far only when the model with it is faster than the model without it by `CONFIRM_MIN_GAIN`,
+    with confidence (`_clear_gain`).
+
+    Which variant: node times within `NEAR_TIE` of each other do not say which is faster in the
+    model, so those variants meet in the model first, two at a time (`_duel`), and the one kept
+    is the one faster there with confidence, else the first in the registry's order: a tie
+    decided by noise would make repeated runs choose differently. Duels time two fast models
+    against each other, which is cheaper and more precise than timing each against a slow
+    original.
+
+    The context is the whole model (`method` "model", `_InModel`) or one micro-model of the
+    group's fusable neighbourhoods (`method` "neighbours", `convlower.context.InNeighbourhood`,
+    the choices kept so far applied inside it; a group with a node in an If/Loop/Scan body is
+    confirmed in the whole model).
+
+    Each group's in-context ratio (at the first profile; every profile's under "profiles") and
+    the method that measured it go to its nodes' reports (`context`); a group that loses in
+    context goes back to the original with the measured ratio as its reason, so the guard does
+    not have to revert it.
     """
     candidates = {key: [name for name in names if name in choices] for key, names in members.items()}
     candidates = {key: names for key, names in candidates.items() if names}
     by_name = {n.name: n for n in report.nodes}
     gain = {key: sum((by_name[n].original_ms or 0) - (by_name[n].chosen_ms or 0) for n in names) for key, names in candidates.items()}
-    trials = _Neighbourhoods(original, runner, timing_feeds) if method == "neighbours" else _WholeModel(original, runner, timing_feeds)
+    whole = _InModel(original, runner, timing_feeds)
+    static = [with_static_inputs(original, feeds_shapes(f)) for f in timing_feeds] if method == "neighbours" else []
     kept: dict[str, str] = {}
     for key in sorted(candidates, key=gain.__getitem__, reverse=True):
-        group = {name: choices[name] for name in candidates[key]}
-        pairs, measured_in = trials.measure(kept, group)
-        worst = max(pairs, key=lambda p: p.high)
-        context = {**pairs[0].to_dict(), "kept": _clear_gain(pairs), "method": measured_in}
-        if measured_in == "neighbours":
-            context["saved_ms"] = round(pairs[0].a.median_ms * (1 - pairs[0].ratio), 6)
-        if len(pairs) > 1:
-            context["profiles"] = [p.to_dict() for p in pairs]
-        where = "in its neighbourhood" if measured_in == "neighbours" else "in the whole model"
-        for name in candidates[key]:
-            by_name[name].context = context
-            if not context["kept"]:
-                by_name[name].reason = (f"{by_name[name].chosen} won alone but not {where} (time ratio "
-                                        f"{worst.ratio:.3f}, {worst.confidence:.0%} interval {worst.low:.3f}-{worst.high:.3f})")
-                by_name[name].chosen = ORIGINAL
-        if context["kept"]:
-            kept = {**kept, **group}
-        trials.settle(context["kept"])
+        names = candidates[key]
+        where = (_in_neighbourhood(static, names, runner) if static else None) or whole
+
+        def trial(variant: str) -> Runs:
+            return where.runs({**kept, **{name: variant for name in names}})
+
+        contenders = _contenders(by_name[names[0]])
+        best, best_runs = contenders[0], trial(contenders[0])
+        duels: dict[str, dict[str, object]] = {}
+        for challenger in contenders[1:]:
+            best, best_runs, duels[challenger] = _duel(best, best_runs, challenger, trial(challenger))
+        baseline = where.runs(kept)  # made last: any edge a later session has goes to it
+        pairs = [time_paired(before, after, CONTEXT_POLICY, threshold=1 - CONFIRM_MIN_GAIN) for before, after in zip(baseline, best_runs)]
+        del baseline, best_runs  # a big model's weights: at most two sessions alive at once
+        _record_context(by_name, names, best, pairs, duels, where.method)
+        if _clear_gain(pairs, CONFIRM_MIN_GAIN):
+            kept.update({name: best for name in names})
     return kept
 
 
-class _WholeModel:
-    """Confirmation in the whole model: the model with the choices kept so far against it with a
-    group's choice too, at every profile."""
+class _InModel:
+    """The whole model at each profile, to time choices in (as `convlower.context.InNeighbourhood`
+    times them in a neighbourhood)."""
+
+    method = "model"
 
     def __init__(self, original: onnx.ModelProto, runner: Runner, timing_feeds: list[Feeds]):
         self.original, self.runner, self.timing_feeds = original, runner, timing_feeds
-        self.baseline: tuple[dict[str, str], Session] | None = None
-        self.trial: tuple[dict[str, str], Session] | None = None
 
-    def measure(self, kept: dict[str, str], group: dict[str, str]) -> tuple[list[PairedRatio], str]:
-        if self.baseline is None or self.baseline[0] != kept:
-            self.baseline = None  # a big model's weights: at most two sessions alive at once
-            self.baseline = (dict(kept), self.runner.session(apply_choices(self.original, kept) if kept else self.original))
-        choices = {**kept, **group}
-        self.trial = (choices, self.runner.session(apply_choices(self.original, choices)))
-        before, after = self.baseline[1], self.trial[1]
-        return [time_paired(before.runner_for(f), after.runner_for(f), CONTEXT_POLICY, threshold=1 - MODEL_MIN_GAIN)
-                for f in self.timing_feeds], "model"
-
-    def settle(self, kept: bool) -> None:
-        """Keep the trial's session as the next baseline when its group was kept; drop it else."""
-        if kept:
-            self.baseline = self.trial
-        self.trial = None
+    def runs(self, choices: dict[str, str]) -> Runs:
+        """Per profile, a zero-argument run of the model with `choices` applied."""
+        session = self.runner.session(apply_choices(self.original, choices))
+        return [session.runner_for(f) for f in self.timing_feeds]
 
 
-class _Neighbourhoods:
-    """Confirmation in each group's fusable neighbourhood (`convlower.context`) at every profile;
-    a group with no neighbourhood (a node in an If/Loop/Scan body) in the whole model."""
+def _in_neighbourhood(static: list[onnx.ModelProto], names: list[str], runner: Runner) -> InNeighbourhood | None:
+    """The group's neighbourhood at each profile, or None when a member has none (in an If/Loop/Scan body)."""
+    try:
+        return InNeighbourhood(static, names, runner)
+    except NoNeighbourhood:
+        return None
 
-    def __init__(self, original: onnx.ModelProto, runner: Runner, timing_feeds: list[Feeds]):
-        self.runner = runner
-        self.static = [with_static_inputs(original, feeds_shapes(f)) for f in timing_feeds]
-        self.whole = _WholeModel(original, runner, timing_feeds)
 
-    def measure(self, kept: dict[str, str], group: dict[str, str]) -> tuple[list[PairedRatio], str]:
-        try:
-            return [time_in_neighbourhood(static, group, self.runner, baseline=kept, policy=CONTEXT_POLICY,
-                                          threshold=1 - MODEL_MIN_GAIN) for static in self.static], "neighbours"
-        except NoNeighbourhood:
-            return self.whole.measure(kept, group)
+def _duel(incumbent: str, incumbent_runs: Runs, challenger: str, challenger_runs: Runs) -> tuple[str, Runs, dict[str, object]]:
+    """The winner of two variants of one group, each in context, and the record of the duel: the
+    challenger wins only when faster with confidence at every profile."""
+    pairs = [time_paired(a, b, CONTEXT_POLICY, threshold=1.0) for a, b in zip(incumbent_runs, challenger_runs)]
+    won = all(p.high < 1 for p in pairs)
+    record = {"against": incumbent, "won": won, **pairs[0].to_dict()}
+    return (challenger, challenger_runs, record) if won else (incumbent, incumbent_runs, record)
 
-    def settle(self, kept: bool) -> None:
-        self.whole.settle(kept)
+
+def _contenders(node: NodeReport) -> list[str]:
+    """The variants to meet in the model: the chosen one and up to `MAX_CONTENDERS` - 1 others
+    verified at every profile whose node time there came within `NEAR_TIE` of the chosen one's
+    (and, for a node that has an original to keep, not above the original's), the closest first,
+    all in the registry's order."""
+    tables = [(p["variants"], p["original_ms"]) for p in node.profiles] if node.profiles else [(node.variants, node.original_ms)]
+
+    def ratios(variant: str) -> list[float] | None:
+        found = []
+        for variants, original_ms in tables:
+            outcome, chosen = variants.get(variant, {}), variants.get(node.chosen, {})
+            if outcome.get("status") != "ok" or outcome.get("ms") is None or not chosen.get("ms"):
+                return None
+            if not node.recognized and original_ms is not None and outcome["ms"] > original_ms:
+                return None
+            found.append(outcome["ms"] / chosen["ms"])
+        return found
+
+    near = []
+    for variant in tables[0][0]:
+        found = ratios(variant) if variant not in (node.chosen, "native") else None
+        if found is not None and max(found) <= 1 + NEAR_TIE:
+            near.append((float(np.mean(found)), variant))
+    picked = {node.chosen, *(variant for _, variant in sorted(near)[:MAX_CONTENDERS - 1])}
+    return [variant for variant in node.variants if variant in picked]
+
+
+def _record_context(by_name: dict[str, NodeReport], names: list[str], best: str, pairs: list[PairedRatio],
+                    duels: dict[str, dict[str, object]], method: str) -> None:
+    """Each node's `context`: the in-context ratio of `best` against the context without it, the
+    method (where it was measured), the duels that chose it, and the reason when the group went
+    back to the original or changed variant in context. A neighbourhood's context also has
+    "saved_ms", the milliseconds the choice saved there, from which `Report.predicted_speedup`
+    predicts the whole model."""
+    kept = _clear_gain(pairs, CONFIRM_MIN_GAIN)
+    context: dict[str, object] = {**pairs[0].to_dict(), "kept": kept, "variant": best, "method": method}
+    if method == "neighbours":
+        context["saved_ms"] = round(pairs[0].a.median_ms * (1 - pairs[0].ratio), 6)
+    where = "in its neighbourhood" if method == "neighbours" else "in the whole model"
+    if len(pairs) > 1:
+        context["profiles"] = [p.to_dict() for p in pairs]
+    if duels:
+        context["duels"] = duels
+    worst = max(pairs, key=lambda p: p.high)
+    measured = f"time ratio {worst.ratio:.3f}, {worst.confidence:.0%} interval {worst.low:.3f}-{worst.high:.3f}"
+    for name in names:
+        node = by_name[name]
+        node.context = context
+        if not kept:
+            others = f"; the variants near it in node time ({', '.join(duels)}) were no faster in the {'model' if method == 'model' else 'neighbourhood'}" if duels else ""
+            node.reason = f"{best} won alone but not {where} ({measured}){others}"
+            node.chosen = ORIGINAL
+        elif best != node.chosen:
+            node.reason = f"{best} chosen over {node.chosen}, which was faster alone: {best} was faster {where}"
+            node.chosen = best
 
 
 def _guard(
@@ -546,7 +613,8 @@ def _guard(
             _revert(report, list(choices), f"the optimized model's outputs disagree with the original's: {reason}")
             return original
         report.verification = {"passed": True, "unchanged": False, **errors}
-        before, after = runner.session(original), runner.session(optimized)
+        after = runner.session(optimized)
+        before = runner.session(original)  # made last: any edge a later session has goes to the original
         pairs = [time_paired(before.runner_for(f), after.runner_for(f), MODEL_POLICY, threshold=1 - MODEL_MIN_GAIN)
                  for f in timing_feeds]
         for index, paired in enumerate(pairs):
@@ -572,12 +640,12 @@ def _guard(
     return original
 
 
-def _clear_gain(pairs: list[PairedRatio]) -> bool:
+def _clear_gain(pairs: list[PairedRatio], min_gain: float = MODEL_MIN_GAIN) -> bool:
     """B is faster than A with confidence: the interval of B/A lies below 1 at every profile, and
-    below 1 - MODEL_MIN_GAIN at one at least. The same rule for a group's choice in context and
-    for the whole model: a gain smaller than the noise is not taken, as the groups whose measured
-    ratio was lucky would otherwise add up to a prediction the written model does not meet."""
-    return all(p.high < 1 for p in pairs) and any(p.high < 1 - MODEL_MIN_GAIN for p in pairs)
+    below 1 - `min_gain` at one at least. A gain smaller than the noise is not taken, as groups
+    whose measured ratio was lucky would otherwise add up to a prediction the written model does
+    not meet."""
+    return all(p.high < 1 for p in pairs) and any(p.high < 1 - min_gain for p in pairs)
 
 
 def _disagreement(check: VerifyResult) -> str:

@@ -94,21 +94,51 @@ class Report:
 
     @property
     def predicted_speedup(self) -> float | None:
-        """What the kept choices predict for the whole model, beside the measured `speedup`, from
-        the groups confirmed in context: a group confirmed in the whole model contributes its
-        ratio (they multiply), one confirmed in its neighbourhood the milliseconds it saved there,
-        taken off the whole model's original median (the guard's, `original_ms`). Without any
-        confirmation, `isolated_predicted_speedup`."""
-        kept = {id(n.context): n.context for n in self.nodes if n.context and n.context["kept"] and n.chosen != "original"}
-        if not kept:
+        """What the kept choices predict for the whole model, beside the measured `speedup`: the
+        product of the whole-model ratios of the groups confirmed in context (`_kept_factors`),
+        else (no confirmation ran) `isolated_predicted_speedup`."""
+        if not self._kept_contexts():
             return self.isolated_predicted_speedup
-        ratio = float(np.prod([c["ratio"] for c in kept.values() if c.get("method", "model") == "model"]))
-        saved = sum(c["saved_ms"] for c in kept.values() if c.get("method") == "neighbours")
-        if saved:
-            if not self.original_ms or saved >= self.original_ms:
-                return None
-            ratio *= (self.original_ms - saved) / self.original_ms
-        return 1 / ratio
+        factors = self._kept_factors()
+        return 1 / float(np.prod([c["ratio"] for c in factors])) if factors else None
+
+    @property
+    def predicted_interval(self) -> list[float] | None:
+        """The interval of `predicted_speedup` from its factors' intervals, their errors taken as
+        independent (added in quadrature on the log scale): a measured speedup outside it
+        disagrees with the prediction by more than the noise of the measurements behind it."""
+        kept = self._kept_factors()
+        if not kept:
+            return None
+        center = sum(np.log(c["ratio"]) for c in kept)
+        below = np.sqrt(sum(np.log(c["ratio"] / c["interval"][0]) ** 2 for c in kept))
+        above = np.sqrt(sum(np.log(c["interval"][1] / c["ratio"]) ** 2 for c in kept))
+        return [float(np.exp(-(center + above))), float(np.exp(-(center - below)))]
+
+    def _kept_contexts(self) -> list[dict[str, Any]]:
+        """The in-context measurement of every group whose choice is in the written model, once each."""
+        kept = {id(n.context): n.context for n in self.nodes if n.context and n.context["kept"] and n.chosen != "original"}
+        return list(kept.values())
+
+    def _kept_factors(self) -> list[dict[str, Any]] | None:
+        """The kept groups' measurements as whole-model time ratios with intervals: a group
+        confirmed in the whole model as measured; the groups confirmed in their neighbourhoods
+        together as one, the milliseconds they saved there (summed, their intervals' errors in
+        quadrature) taken off the whole model's original median (the guard's `original_ms`). A
+        neighbourhood's ratio is not the whole model's: the same milliseconds are a smaller share
+        of a larger model. None when neighbourhoods were kept and there is no original median."""
+        kept = self._kept_contexts()
+        factors = [c for c in kept if c.get("method", "model") == "model"]
+        near = [c for c in kept if c.get("method") == "neighbours"]
+        if not near:
+            return factors
+        total = self.original_ms
+        saved = sum(c["saved_ms"] for c in near)
+        less = float(np.sqrt(sum((c["saved_ms"] - c["a_median_ms"] * (1 - c["interval"][1])) ** 2 for c in near)))
+        more = float(np.sqrt(sum((c["a_median_ms"] * (1 - c["interval"][0]) - c["saved_ms"]) ** 2 for c in near)))
+        if not total or saved + more >= total:
+            return None
+        return factors + [{"ratio": (total - saved) / total, "interval": [(total - saved - more) / total, (total - saved + less) / total]}]
 
     @property
     def isolated_predicted_speedup(self) -> float | None:
@@ -129,7 +159,8 @@ class Report:
             "threads": self.threads,
             "nodes": [n.to_dict() for n in self.nodes],
             "model": {"original_ms": self.original_ms, "optimized_ms": self.optimized_ms, "speedup": self.speedup,
-                      "predicted_speedup": self.predicted_speedup, "isolated_predicted_speedup": self.isolated_predicted_speedup},
+                      "predicted_speedup": self.predicted_speedup, "predicted_interval": self.predicted_interval,
+                      "isolated_predicted_speedup": self.isolated_predicted_speedup},
             "verification": self.verification,
             "guard": {"reverted": self.reverted, "timings": self.guard_timings},
             "tuning": self.tuning,

@@ -448,8 +448,16 @@ def gpu_name() -> str:
 @dataclass(frozen=True)
 class PairedPolicy:
     """How `time_paired` measures: rounds of `block` timed runs of each model back to back, from
-    `min_rounds` until the confidence interval of the ratio leaves out the threshold, or
-    `budget_s` / `max_rounds` is spent."""
+    `min_rounds` until the answer is clear, or `budget_s` / `max_rounds` is spent.
+
+    The answer is clear when the confidence interval of the ratio leaves out the threshold and is
+    no wider than ±`precision`: the ratio is also an estimate others build on (a group's
+    in-context ratio is a factor of the predicted speedup), so a decision that is clear early
+    still measures on, within the budget, until the estimate is precise.
+
+    Runs of `long_run_ms` or more are timed one per side a round, without the untimed run after
+    each switch: that run absorbs the caches the other model evicted, which such a run does not
+    notice, and at a second a run the rounds are what the budget must buy."""
 
     warmup: int = 3
     block: int = 3
@@ -458,6 +466,8 @@ class PairedPolicy:
     budget_s: float = 8.0
     confidence: float = 0.95
     resamples: int = 2000
+    precision: float = 0.01
+    long_run_ms: float = 50.0
 
 
 @dataclass(frozen=True)
@@ -486,12 +496,11 @@ class PairedRatio:
 def time_paired(
     a: Callable[[], object], b: Callable[[], object], policy: PairedPolicy = PairedPolicy(), threshold: float | None = None
 ) -> PairedRatio:
-    """Time B against A in paired rounds until the interval of B/A is clear of `threshold`
-    (entirely below or above it) or the budget is spent; without a threshold, until the interval
-    is narrower than 2% or the budget is spent."""
-    for call in (a, b):
-        for _ in range(policy.warmup):
-            call()
+    """Time B against A in paired rounds until the interval of B/A is clear of `threshold` (wholly
+    below or above it; any interval, without a threshold) and within ±`policy.precision`, or the
+    budget is spent."""
+    warm = [_warm_up(call, policy.warmup) for call in (a, b)]
+    block, settle = (1, False) if max(warm) >= policy.long_run_ms else (policy.block, True)
     samples: tuple[list[float], list[float]] = ([], [])
     log_ratios: list[float] = []
     rng = np.random.default_rng(0)
@@ -502,24 +511,36 @@ def time_paired(
         medians = [0.0, 0.0]
         for index in order:
             call = (a, b)[index]
-            call()
-            block = []
-            for _ in range(policy.block):
+            if settle:
+                call()
+            runs = []
+            for _ in range(block):
                 t0 = time.perf_counter()
                 call()
-                block.append((time.perf_counter() - t0) * 1e3)
-            samples[index].extend(block)
-            medians[index] = statistics.median(block)
+                runs.append((time.perf_counter() - t0) * 1e3)
+            samples[index].extend(runs)
+            medians[index] = statistics.median(runs)
         log_ratios.append(float(np.log(medians[1] / medians[0])) if medians[0] > 0 and medians[1] > 0 else 0.0)
         rounds = len(log_ratios)
         if rounds < policy.min_rounds:
             continue
         low, high = _bootstrap_interval(np.array(log_ratios), policy, rng)
-        clear = high < threshold or low > threshold if threshold is not None else high / low < 1.02
-        if clear or rounds >= policy.max_rounds or time.perf_counter() - start > policy.budget_s:
+        clear = threshold is None or high < threshold or low > threshold
+        precise = high / low <= (1 + policy.precision) / (1 - policy.precision)
+        if (clear and precise) or rounds >= policy.max_rounds or time.perf_counter() - start > policy.budget_s:
             break
     return PairedRatio(float(np.exp(np.median(log_ratios))), low, high, policy.confidence, len(log_ratios),
                        Timing.of(samples[0]), Timing.of(samples[1]))
+
+
+def _warm_up(call: Callable[[], object], runs: int) -> float:
+    """Run `call` `runs` times (at least once) and return its last run's milliseconds."""
+    elapsed = 0.0
+    for _ in range(max(1, runs)):
+        t0 = time.perf_counter()
+        call()
+        elapsed = (time.perf_counter() - t0) * 1e3
+    return elapsed
 
 
 def _bootstrap_interval(log_ratios: np.ndarray, policy: PairedPolicy, rng: np.random.Generator) -> tuple[float, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from convlower.context import NoNeighbourhood, neighbourhood, time_in_neighbourhood
 from convlower.modelio import load_model
 from convlower.models.builders import conv_block, residual_chain
-from convlower.optimize import _confirm_in_context, optimize
+from convlower.optimize import NEAR_TIE, _confirm_in_context, optimize
 from convlower.report import NodeReport, Report
 from convlower.runner import Runner
 from convlower.shapes import with_static_inputs
@@ -203,6 +204,23 @@ def test_a_choice_that_loses_in_its_neighbourhood_is_not_kept(extra_conv_variant
         assert node.context["interval"][0] > 1 and node.context["saved_ms"] < 0
 
 
+def test_a_variant_near_the_chosen_one_meets_it_in_the_neighbourhood(extra_conv_variants) -> None:  # noqa: F811
+    """The duel of near variants (test_guard) takes place in the neighbourhood too."""
+    slow, slower = slow_native(96, 1), replace(slow_native(160, 3), name="slower_native")
+    extra_conv_variants(slow, slower)
+    model = chain_model(["a", "b"])
+    runner = Runner("cpu")
+    report = guard_report(runner, {"a": ("slow_native", 1.0, 0.5)})
+    report.nodes[0].variants["slower_native"] = {"status": "ok", "ms": 0.5 * (1 + NEAR_TIE / 2)}
+    kept = _confirm_in_context(model, {"a": "slow_native"}, {"group a": ["a"]}, report, runner, [input_sets(model, runs=1)[0]], "neighbours")
+    node = report.nodes[0]
+    assert kept == {} and node.chosen == ORIGINAL and node.context["method"] == "neighbours"
+    duel = node.context["duels"]["slower_native"]
+    assert duel["against"] == "slow_native" and duel["won"] is False and duel["interval"][0] > 1
+    assert node.reason.startswith("slow_native won alone but not in its neighbourhood")
+    assert "(slower_native) were no faster in the neighbourhood" in node.reason
+
+
 def test_a_group_in_an_if_body_is_confirmed_in_the_whole_model(extra_conv_variants) -> None:  # noqa: F811
     extra_conv_variants(slow_native(128, 2))
     model = if_model()
@@ -215,17 +233,22 @@ def test_a_group_in_an_if_body_is_confirmed_in_the_whole_model(extra_conv_varian
 
 
 def test_the_prediction_takes_the_neighbourhoods_saved_ms_off_the_whole_model() -> None:
+    """Two groups kept in their neighbourhoods (1.0 and 0.5 ms saved) and one in the whole model
+    (ratio 0.8): the whole model at 10 ms is predicted at 0.8 x (10 - 1.5) ms, and the interval
+    takes the saved ms' spans in quadrature."""
     report = Report("CPUExecutionProvider", "cpu", None)
-    for name, context in (("a", {"ratio": 0.5, "kept": True, "method": "neighbours", "saved_ms": 1.0}),
-                          ("b", {"ratio": 0.9, "kept": True, "method": "neighbours", "saved_ms": 0.5}),
-                          ("c", {"ratio": 0.8, "kept": True, "method": "model"})):
+    for name, context in (("a", {"ratio": 0.5, "interval": [0.4, 0.6], "a_median_ms": 2.0, "kept": True, "method": "neighbours", "saved_ms": 1.0}),
+                          ("b", {"ratio": 0.5, "interval": [0.5, 0.5], "a_median_ms": 1.0, "kept": True, "method": "neighbours", "saved_ms": 0.5}),
+                          ("c", {"ratio": 0.8, "interval": [0.8, 0.8], "kept": True, "method": "model"})):
         node = NodeReport(name, "Conv", "", None, "im2col", 1.0, {"im2col": {"status": "ok", "ms": 0.5}})
         node.context = context
         report.nodes.append(node)
     report.original_ms = 10.0
-    assert report.predicted_speedup == pytest.approx(1 / (0.8 * (10 - 1.5) / 10)), "saved ms off the guard's median, model ratios multiply"
+    assert report.predicted_speedup == pytest.approx(1 / (0.8 * 8.5 / 10)), "saved ms off the guard's median; model ratios multiply"
+    low, high = report.predicted_interval
+    assert low == pytest.approx(1 / (0.8 * 8.7 / 10)) and high == pytest.approx(1 / (0.8 * 8.3 / 10)), "a saves 0.8-1.2 ms"
     report.original_ms = None
-    assert report.predicted_speedup is None, "no whole-model median, no prediction from neighbourhoods"
+    assert report.predicted_speedup is None and report.predicted_interval is None, "no whole-model median, no prediction"
 
 
 def test_optimize_confirms_in_neighbourhoods_and_writes_a_verified_model() -> None:

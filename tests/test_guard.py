@@ -24,7 +24,10 @@ from onnx import TensorProto, helper, numpy_helper
 import convlower
 from convlower.cache import TuningCache
 from convlower.models.builders import conv_block
-from convlower.optimize import GUARD_ROUNDS, MODEL_MIN_GAIN, MODEL_POLICY, _cached, _confirm_in_context, _guard
+from convlower.optimize import (
+    GUARD_ROUNDS, MAX_CONTENDERS, MODEL_MIN_GAIN, MODEL_POLICY, NEAR_TIE, _cached, _confirm_in_context,
+    _contenders, _guard,
+)
 from convlower.passes import FAMILIES, Builder, SimpleVariant
 from convlower.passes.conv import ConvSpec, build_native, why_not_native
 from convlower.report import NodeReport, Report
@@ -249,6 +252,79 @@ def test_a_choice_that_wins_alone_but_loses_in_the_whole_model_is_not_kept(extra
     assert "0 of 2 node(s) lowered (2 won alone but not in the whole model); no choice held in the whole model" in report.summary()
 
 
+def test_a_variant_near_the_chosen_one_meets_it_in_the_model_and_the_faster_there_is_confirmed(extra_conv_variants) -> None:
+    """slow_native was chosen alone; a much slower variant whose node time came within NEAR_TIE
+    of it meets it in the whole model and loses that duel; slow_native is then timed against the
+    model without it, loses too, and the group goes back to the original. The report keeps the
+    duel and the reason names both."""
+    slow, slower = slow_native(96, 1), replace(slow_native(160, 3), name="slower_native")
+    extra_conv_variants(slow, slower)
+    model = chain_model(["a", "b"])
+    runner = Runner("cpu")
+    report = guard_report(runner, {"a": ("slow_native", 1.0, 0.5)})
+    report.nodes[0].variants["slower_native"] = {"status": "ok", "ms": 0.5 * (1 + NEAR_TIE / 2)}
+    kept = _confirm_in_context(model, {"a": "slow_native"}, {"group a": ["a"]}, report, runner,
+                               [random_feeds(model, {"x": (1, 4, 8, 8)})])
+    node = report.nodes[0]
+    assert kept == {} and node.chosen == ORIGINAL
+    duel = node.context["duels"]["slower_native"]
+    assert duel["against"] == "slow_native" and duel["won"] is False and duel["interval"][0] > 1
+    assert node.context["variant"] == "slow_native" and node.context["interval"][0] > 1
+    assert node.reason.startswith("slow_native won alone but not in the whole model")
+    assert "(slower_native) were no faster in the model" in node.reason
+
+
+def test_a_challenger_faster_in_the_model_takes_the_group(extra_conv_variants) -> None:
+    """The reverse: the chosen variant is the slow one, the challenger (the native Conv under
+    another name) beats it in the model, and is the variant the group is confirmed with."""
+    extra_conv_variants(slow_native(160, 3), SimpleVariant("same_as_native", why_not_native, build_native, "the Conv itself"))
+    model = chain_model(["a"])
+    runner = Runner("cpu")
+    report = guard_report(runner, {"a": ("slow_native", 1.0, 0.5)})
+    report.nodes[0].variants = {"slow_native": {"status": "ok", "ms": 0.5}, "same_as_native": {"status": "ok", "ms": 0.55}}
+    _confirm_in_context(model, {"a": "slow_native"}, {"group a": ["a"]}, report, runner, [random_feeds(model, {"x": (1, 4, 8, 8)})])
+    node = report.nodes[0]
+    duel = node.context["duels"]["same_as_native"]
+    assert duel["against"] == "slow_native" and duel["won"] is True and duel["interval"][1] < 1
+    assert node.context["variant"] == "same_as_native"
+    if node.context["kept"]:
+        assert node.chosen == "same_as_native" and node.reason.startswith("same_as_native chosen over slow_native")
+    else:
+        assert node.chosen == ORIGINAL and node.reason.startswith("same_as_native won alone but not in the whole model")
+
+
+def contender_report(recognized: bool = False, **variants: float | None) -> NodeReport:
+    """A node whose original took 1 ms and that chose `best`; None marks a rejected variant."""
+    outcomes = {name: {"status": "ok", "ms": ms} if ms is not None else {"status": "rejected", "reason": "wrong"}
+                for name, ms in variants.items()}
+    return NodeReport("n", "Conv", "", None, "best", 1.0, outcomes, recognized=recognized)
+
+
+def test_contenders_are_the_verified_variants_within_the_near_tie_margin_fastest_first() -> None:
+    near, far = 0.5 * (1 + NEAR_TIE / 2), 0.5 * (1 + 2 * NEAR_TIE)
+    node = contender_report(best=0.5, native=0.5, second=near, third=0.5 * (1 + NEAR_TIE / 4), far=far, wrong=None)
+    assert _contenders(node) == ["best", "second", "third"][:MAX_CONTENDERS], "the registry's order"
+    assert _contenders(contender_report(best=0.5, far=far)) == ["best"]
+
+
+def test_a_contender_slower_than_the_original_is_left_out_unless_the_node_was_recognized() -> None:
+    """A node with an original of its own keeps it rather than take a variant slower than it;
+    a recognized node has no original to keep, so only the margin counts."""
+    assert _contenders(contender_report(best=0.99, close=1.05)) == ["best"]
+    assert _contenders(contender_report(recognized=True, best=0.99, close=1.05)) == ["best", "close"]
+
+
+def test_at_several_profiles_a_contender_must_be_near_at_every_one() -> None:
+    node = contender_report(best=0.5, steady=0.52, uneven=0.51)
+    node.profiles = [
+        {"original_ms": 1.0, "variants": {"best": {"status": "ok", "ms": 0.5}, "steady": {"status": "ok", "ms": 0.52},
+                                          "uneven": {"status": "ok", "ms": 0.51}}},
+        {"original_ms": 4.0, "variants": {"best": {"status": "ok", "ms": 2.0}, "steady": {"status": "ok", "ms": 2.1},
+                                          "uneven": {"status": "ok", "ms": 3.0}}},
+    ]
+    assert _contenders(node) == ["best", "steady"]
+
+
 def test_the_prediction_multiplies_the_ratios_of_the_groups_kept_in_context() -> None:
     report = guard_report(Runner("cpu"), {"a": ("im2col", 1.0, 0.5), "b": ("im2col", 1.0, 0.5), "c": ("im2col", 2.0, 1.0)})
     report.original_ms = 10.0
@@ -258,6 +334,10 @@ def test_the_prediction_multiplies_the_ratios_of_the_groups_kept_in_context() ->
     report.nodes[2].context = {"ratio": 0.9, "interval": [0.85, 0.95], "kept": True}
     assert report.predicted_speedup == pytest.approx(1 / (0.8 * 0.9)), "one factor per group, not per node"
     assert report.isolated_predicted_speedup == pytest.approx(10 / 8)
+    low, high = report.predicted_interval
+    assert low < report.predicted_speedup < high
+    assert low == pytest.approx(1 / (0.8 * 0.9) / np.exp(np.hypot(np.log(0.85 / 0.8), np.log(0.95 / 0.9))))
+    assert report.to_dict()["model"]["predicted_interval"] == [low, high]
 
 
 def test_guard_with_nothing_to_check_runs_nothing(block: onnx.ModelProto) -> None:
