@@ -8,12 +8,12 @@ cost of a whole-model run per round; the neighbourhood is the small model in bet
 with the fused group it belongs to and the Conv-like ops next to it.
 
     producer side                          the node                 consumer side
-    Conv ─► [BN] ─► [Add ◄─ skip] ─► [act] ─► node ─► [BN] ─► [Add ◄─ skip] ─► [act] ─► Conv
+    Conv ─► [BN] ─► [Add ◄─ skip] ─► [act] ─► node ─► [BN] ─► [Add ◄─ skip] ─► [act] ─► Conv ─► [act]
 
 `neighbourhood` walks back from each named node through activations, BatchNormalization and one
-Add (only into an Add operand made by a Conv-like op or BN: the fused partner, not the skip path)
-to the Conv-like op that made the data, and forward through the same ops to the next Conv-like
-op, `depth` Conv-like ops each way. Constant nodes feeding the kept nodes come along, so a
+Add or Mul (only into an operand made by a Conv-like op or BN: the fused partner, not the skip
+path) to the Conv-like op that made the data, and forward through the same ops to the next
+Conv-like op and the ops fused after it, `depth` Conv-like ops each way. Constant nodes feeding the kept nodes come along, so a
 constant operand stays constant (onnxruntime folds a constant Add or Mul into the Conv); every
 other tensor from outside becomes a graph input with its inferred shape, and every tensor made
 inside and used outside (or a graph output) becomes an output, so nothing is dead code.
