@@ -438,7 +438,9 @@ def _confirm_in_context(
         duels: dict[str, dict[str, object]] = {}
         for challenger in contenders[1:]:
             best, best_session, duels[challenger] = _duel(best, best_session, challenger, runner.session(trial(challenger)), timing_feeds)
-        baseline = runner.session(apply_choices(original, kept))  # made last: any edge a later session has goes to it
+        # the model as given until a group is kept (recognition's own effect is then in the first factor);
+        # made last, so any edge a later-made session has goes to it
+        baseline = runner.session(apply_choices(original, kept) if kept else original)
         pairs = [time_paired(baseline.runner_for(f), best_session.runner_for(f), CONTEXT_POLICY, threshold=1 - CONFIRM_MIN_GAIN)
                  for f in timing_feeds]
         del baseline, best_session  # a big model's weights: at most two sessions alive at once
