@@ -15,8 +15,14 @@ speedup with its 95% interval, an independent paired A/B of the written model ag
 input, and the seconds spent tuning and confirming. A harness check first times each input model
 against itself: it must read 1.00x within the interval printed beside it.
 
-`--profiles` instead optimizes each OCR model once with two shape profiles and times the written
-model against the input at each profile (paired, 95% interval): it must not be slower at either.
+`--profiles` instead optimizes models once with two shape profiles and times the written model
+against the input at each profile (paired, 95% interval): it must not be slower at either. The
+models: the OCR models where downloaded, and the zoo's dynamic-filter families (the models
+convlower really lowers on CPU), exported with symbolic batch, height and width
+(`--exporter dynamo|legacy`) at bench_zoo's realistic sizes for the first profile and twice the
+height and width for the second (`--small`: the zoo's small sizes and no OCR model, to check the script end to end).
+
+    python benchmarks/bench_context.py --profiles [--models seed_filter,involution] [--small] [--exporter legacy]
 
 Models: `residual_chain` (a CRNN-style stage: 1x1 Convs followed by residual Adds, see
 convlower.models.builders), `conv_block`, and, where benchmarks/real_models.py has downloaded
@@ -26,6 +32,7 @@ them, the PP-OCRv4 recognizer and detector (`ocr_rec`, `ocr_det`).
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +43,7 @@ import onnxruntime as ort
 import convlower
 from convlower.models.builders import conv_block, residual_chain
 from convlower.runner import PairedPolicy, Runner, time_paired
-from convlower.verify import input_sets
+from convlower.verify import input_sets, verify
 
 AB = PairedPolicy(min_rounds=20, max_rounds=400, budget_s=8.0)
 CORPUS = Path.home() / ".cache" / "convlower-corpus"
@@ -84,26 +91,58 @@ def one_run(model: onnx.ModelProto, shapes: dict, confirm: bool | str, runner: R
 MODES = (("isolated", False), ("in context (model)", "model"), ("in context (neighbours)", "neighbours"))
 
 PROFILES = {"ocr_rec": [(1, 3, 48, 320), (1, 3, 48, 960)], "ocr_det": [(1, 3, 320, 320), (1, 3, 640, 640)]}
+SYMBOLIC_AXES = {0: "batch", 2: "height", 3: "width"}
 
 
-def profile_rows(available: dict, runner: Runner) -> list[str]:
-    """Each OCR model optimized for two profiles, then timed against its input at each."""
-    lines = ["| model | profile | nodes chosen | guard reverts | guard measured [95%] | independent A/B [95%] |",
-             "|---|---|---:|---:|---:|---:|"]
-    for name, shapes in PROFILES.items():
-        if name not in available:
-            continue
-        model = available[name][0]
+def zoo_profiles(
+    size: str, exporter: str, wanted: list[str] | None = None
+) -> dict[str, tuple[onnx.ModelProto, list[dict[str, tuple[int, ...]]]]]:
+    """The zoo's dynamic-filter families (those `wanted`, default all) exported with every input's batch, height and width
+    symbolic, each with two profiles: the zoo's inputs at `size`, and the same with twice the
+    height and width. Exported at batch 2 and an oblong size, as torch.export needs
+    (a dynamic dim's example must not be 1 nor equal another dim)."""
+    import torch
+
+    from convlower.models import DYNAMIC_FILTER, ZOO
+
+    torch.set_num_threads(1)  # no idle OpenMP workers spinning while onnxruntime is timed (see bench_zoo)
+    found = {}
+    for name in (n for n in DYNAMIC_FILTER if wanted is None or n in wanted):
+        module, inputs = ZOO[name](size)
+        names = [p for p in inspect.signature(module.forward).parameters][: len(inputs)]
+        example = tuple(torch.randn(2, t.shape[1], 16, 24) for t in inputs)
+        model = convlower.export(module, example, dynamo=exporter == "dynamo", opset=18 if exporter == "dynamo" else 17,
+                                 input_names=names, dynamic_axes={n: SYMBOLIC_AXES for n in names})
+        first = {n: tuple(t.shape) for n, t in zip(names, inputs)}
+        second = {n: (s[0], s[1], 2 * s[2], 2 * s[3]) for n, s in first.items()}
+        found[name] = (model, [first, second])
+    return found
+
+
+def profile_rows(candidates: dict[str, tuple[onnx.ModelProto, list[dict]]], runner: Runner) -> list[str]:
+    """Each model optimized for its two profiles, then timed against its input at each."""
+    lines = ["| model | profile | nodes lowered | original ms | optimized ms | speedup [95%] | guard measured [95%] "
+             "| guard reverts | in report | verified |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for name, (model, profiles) in candidates.items():
         print(f"{name} two profiles ...", file=sys.stderr, flush=True)
-        result = convlower.optimize(model, input_shapes={"x": shapes}, cache=None, provider="cpu")
-        chosen = sum(1 for n in result.report.nodes if n.chosen != "original")
-        for index, shape in enumerate(shapes):
-            feeds = input_sets(model, input_shapes={"x": shape}, runs=1, seed=7)[0]
+        shapes = {key: [p[key] for p in profiles] for key in profiles[0]}
+        result = convlower.optimize(model, input_shapes=shapes, cache=None, provider="cpu")
+        lowered = sum(1 for n in result.report.nodes if n.chosen != "original")
+        for index, profile in enumerate(profiles):
+            feeds = input_sets(model, input_shapes=profile, runs=1, seed=7)[0]
             paired = time_paired(runner.session(model).runner_for(feeds), runner.session(result.model).runner_for(feeds), AB)
-            profile = result.report.profiles[index]
-            guard = fmt(profile.get("speedup"), tuple(profile["interval"]) if "interval" in profile else None)
-            lines.append(f"| {name} | x {'x'.join(map(str, shape))} | {chosen} | {len(result.report.reverted)} | {guard} "
-                         f"| {fmt(1 / paired.ratio, (1 / paired.high, 1 / paired.low))} |")
+            listed = result.report.profiles[index] if index < len(result.report.profiles) else {}
+            in_report = "yes" if listed.get("shapes") == {k: list(v) for k, v in profile.items()} else "NO"
+            guard = fmt(listed.get("speedup"), tuple(listed["interval"]) if "interval" in listed else None)
+            verified = "yes" if verify(model, result.model, inputs=feeds, runner=runner) else "NO"
+            lines.append(f"| {name} | {' '.join(f'{k} ' + 'x'.join(map(str, s)) for k, s in profile.items())} | {lowered} "
+                         f"| {paired.a.median_ms:.3f} | {paired.b.median_ms:.3f} "
+                         f"| {fmt(1 / paired.ratio, (1 / paired.high, 1 / paired.low))} | {guard} "
+                         f"| {len(result.report.reverted)} | {in_report} | {verified} |")
+    lines += ["", "speedup: original / optimized, a paired timing (`time_paired`) of the written model against the input at "
+              "that profile after optimize returned, with its 95% interval; guard measured: the guard's own timing at that "
+              "profile (- where the model was written unchanged); in report: the report lists this profile's shapes."]
     return lines
 
 
@@ -120,13 +159,21 @@ def main() -> int:
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--profiles", action="store_true", help="the two-profile runs instead")
+    parser.add_argument("--small", action="store_true", help="--profiles: the zoo at its small sizes (a quick end-to-end check)")
+    parser.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo", help="--profiles: the zoo's exporter")
     args = parser.parse_args()
 
     runner = Runner("cpu")
     available = models(args.corpus)
     if args.profiles:
-        table = "\n".join([f"onnxruntime {ort.__version__} on {runner.provider} ({runner.device}); two profiles", ""]
-                          + profile_rows(available, runner))
+        size = "small" if args.small else "realistic"
+        wanted = args.models.split(",") if args.models else None
+        candidates = {name: (available[name][0], [{"x": shape} for shape in shapes]) for name, shapes in PROFILES.items()
+                      if name in available and not args.small and (wanted is None or name in wanted)}
+        candidates.update(zoo_profiles(size, args.exporter, wanted))
+        table = "\n".join([f"onnxruntime {ort.__version__} on {runner.provider} ({runner.device}); two profiles; "
+                           f"zoo at {size} sizes, {args.exporter} exporter, symbolic batch/height/width", ""]
+                          + profile_rows(candidates, runner))
         print(table)
         if args.markdown:
             args.markdown.write_text(table + "\n", encoding="utf-8")

@@ -192,7 +192,6 @@ def run_family(name: str, args: argparse.Namespace, runner: Runner) -> Row:
     model = convlower.export(module, inputs, dynamo=args.exporter == "dynamo")
     names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     feeds = {n: t.numpy() for n, t in zip(names, inputs)}
-    original = runner.session(model).runner_for(feeds)
     results: list[tuple[OptimizeResult, float]] = []
     for _ in range(args.repeat):
         started = time.perf_counter()
@@ -200,21 +199,30 @@ def run_family(name: str, args: argparse.Namespace, runner: Runner) -> Row:
         results.append((result, time.perf_counter() - started))
     runs = [
         Run(chosen_variants(result), len(result.report.reverted), result.report.speedup, predicted_speedup(result),
-            result.report.predicted_interval, time_paired(original, runner.session(result.model).runner_for(feeds), PAIRED), tuning_s)
+            result.report.predicted_interval, paired(runner, model, result.model, feeds), tuning_s)
         for result, tuning_s in results
     ]
     first = results[0][0]
     verified = all(bool(verify(model, result.model, inputs=feeds, runner=runner)) for result, _ in results)
-    self_check = time_paired(original, runner.session(model).runner_for(feeds), PAIRED)
+    self_check = paired(runner, model, model, feeds)
     oracle_gap, oracle_same = None, False
     if not args.no_oracle:
         best = oracle(model, first, runner, feeds)
         chosen = {node: variant for node, (_, variant) in runs[0].chosen.items()}
         oracle_same = best == chosen if best is not None else not chosen
         oracle_model = apply_choices(model, best) if best is not None else model
-        oracle_gap = time_paired(runner.session(oracle_model).runner_for(feeds), runner.session(first.model).runner_for(feeds), PAIRED)
+        oracle_gap = paired(runner, oracle_model, first.model, feeds)
     eager = time_eager(name, args.size, args.threads, inputs)
     return Row(name, len(first.report.nodes), runs, self_check, oracle_gap, oracle_same, eager, verified)
+
+
+def paired(runner: Runner, a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> PairedRatio:
+    """B against A, each in a session made just now, B's first: a session made long before (before
+    an optimize ran) or made later can run a few percent apart from an identical one, and this
+    way the same for every comparison, with any edge to A."""
+    second = runner.session(b)
+    first = runner.session(a)
+    return time_paired(first.runner_for(feeds), second.runner_for(feeds), PAIRED)
 
 
 def _ratio(value: float, low: float, high: float) -> str:

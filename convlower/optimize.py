@@ -471,7 +471,9 @@ def _confirm_in_context(
         duels: dict[str, dict[str, object]] = {}
         for challenger in contenders[1:]:
             best, best_runs, duels[challenger] = _duel(best, best_runs, challenger, trial(challenger))
-        baseline = where.runs(kept)  # made last: any edge a later session has goes to it
+        # the context as given until a group is kept (recognition's own effect is then in the first
+        # factor); made last, so any edge a later-made session has goes to it
+        baseline = where.runs(kept)
         pairs = [time_paired(before, after, CONTEXT_POLICY, threshold=1 - CONFIRM_MIN_GAIN) for before, after in zip(baseline, best_runs)]
         del baseline, best_runs  # a big model's weights: at most two sessions alive at once
         _record_context(by_name, names, best, pairs, duels, where.method)
@@ -490,8 +492,9 @@ class _InModel:
         self.original, self.runner, self.timing_feeds = original, runner, timing_feeds
 
     def runs(self, choices: dict[str, str]) -> Runs:
-        """Per profile, a zero-argument run of the model with `choices` applied."""
-        session = self.runner.session(apply_choices(self.original, choices))
+        """Per profile, a zero-argument run of the model with `choices` applied (the model as given
+        when there are none)."""
+        session = self.runner.session(apply_choices(self.original, choices) if choices else self.original)
         return [session.runner_for(f) for f in self.timing_feeds]
 
 

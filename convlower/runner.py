@@ -506,6 +506,7 @@ def time_paired(
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     low = high = 1.0
+    next_check = policy.min_rounds
     while True:
         order = (0, 1) if len(log_ratios) % 2 == 0 else (1, 0)
         medians = [0.0, 0.0]
@@ -522,12 +523,14 @@ def time_paired(
             medians[index] = statistics.median(runs)
         log_ratios.append(float(np.log(medians[1] / medians[0])) if medians[0] > 0 and medians[1] > 0 else 0.0)
         rounds = len(log_ratios)
-        if rounds < policy.min_rounds:
+        spent = rounds >= policy.max_rounds or time.perf_counter() - start > policy.budget_s
+        if rounds < policy.min_rounds or (rounds < next_check and not spent):
             continue
+        next_check = rounds + max(1, rounds // 8)  # the bootstrap costs more than a fast round: not after every one
         low, high = _bootstrap_interval(np.array(log_ratios), policy, rng)
         clear = threshold is None or high < threshold or low > threshold
         precise = high / low <= (1 + policy.precision) / (1 - policy.precision)
-        if (clear and precise) or rounds >= policy.max_rounds or time.perf_counter() - start > policy.budget_s:
+        if (clear and precise) or spent:
             break
     return PairedRatio(float(np.exp(np.median(log_ratios))), low, high, policy.confidence, len(log_ratios),
                        Timing.of(samples[0]), Timing.of(samples[1]))
