@@ -63,6 +63,9 @@ NODE_POLICY = TimingPolicy(warmup=2, min_runs=10, max_runs=200, budget_s=1.0)
 MODEL_POLICY = PairedPolicy(min_rounds=10, max_rounds=400, budget_s=6.0, confidence=0.95)
 CONTEXT_POLICY = PairedPolicy(min_rounds=10, max_rounds=200, budget_s=3.0, confidence=0.95)
 """Confirming one group's choice in the whole model: shorter than the guard's check, as there is one per group."""
+DUEL_POLICY = PairedPolicy(min_rounds=10, max_rounds=200, budget_s=2.0, confidence=0.95, precision=0.02)
+"""Two near-tie variants of a kept group in the model: only which is faster matters, and a true tie
+spends the whole budget before the registry's order decides."""
 
 USE_DEFAULT_CACHE = object()
 
@@ -436,11 +439,12 @@ def _confirm_in_context(
     with confidence (`_clear_gain`).
 
     Which variant: node times within `NEAR_TIE` of each other do not say which is faster in the
-    model, so those variants meet in the model first, two at a time (`_duel`), and the one kept
-    is the one faster there with confidence, else the first in the registry's order: a tie
-    decided by noise would make repeated runs choose differently. Duels time two fast models
-    against each other, which is cheaper and more precise than timing each against a slow
-    original.
+    model, so once a group's choice is confirmed, the variants near it meet it in the model, two
+    at a time (`_duel`); a challenger replaces it only when faster there with confidence (and is
+    then timed against the baseline itself), so a tie keeps the first in the registry's order:
+    a tie decided by noise would make repeated runs choose differently. Duels time two fast
+    models against each other, which is cheaper and more precise than timing each against a
+    slow original; a group that loses in context has none.
 
     The context is the whole model (`method` "model", `_InModel`) or one micro-model of the
     group's fusable neighbourhoods (`method` "neighbours", `convlower.context.InNeighbourhood`,
@@ -468,14 +472,14 @@ def _confirm_in_context(
 
         contenders = _contenders(by_name[names[0]])
         best, best_runs = contenders[0], trial(contenders[0])
+        pairs = _against_baseline(where, kept, best_runs)
         duels: dict[str, dict[str, object]] = {}
-        for challenger in contenders[1:]:
-            best, best_runs, duels[challenger] = _duel(best, best_runs, challenger, trial(challenger))
-        # the context as given until a group is kept (recognition's own effect is then in the first
-        # factor); made last, so any edge a later-made session has goes to it
-        baseline = where.runs(kept)
-        pairs = [time_paired(before, after, CONTEXT_POLICY, threshold=1 - CONFIRM_MIN_GAIN) for before, after in zip(baseline, best_runs)]
-        del baseline, best_runs  # a big model's weights: at most two sessions alive at once
+        if _clear_gain(pairs, CONFIRM_MIN_GAIN) and len(contenders) > 1:
+            for challenger in contenders[1:]:
+                best, best_runs, duels[challenger] = _duel(best, best_runs, challenger, trial(challenger))
+            if best != contenders[0]:
+                pairs = _against_baseline(where, kept, best_runs)
+        del best_runs  # a big model's weights: at most two sessions alive at once
         _record_context(by_name, names, best, pairs, duels, where.method)
         if _clear_gain(pairs, CONFIRM_MIN_GAIN):
             kept.update({name: best for name in names})
@@ -506,10 +510,18 @@ def _in_neighbourhood(static: list[onnx.ModelProto], names: list[str], runner: R
         return None
 
 
+def _against_baseline(where: "_InModel | InNeighbourhood", kept: dict[str, str], runs: Runs) -> list[PairedRatio]:
+    """`runs` timed against the context with only the choices kept so far, at every profile. That
+    context is the model as given until a group is kept, so recognition's own effect is in the
+    first factor; its session is made last, so any edge a later-made session has goes to it."""
+    baseline = where.runs(kept)
+    return [time_paired(before, after, CONTEXT_POLICY, threshold=1 - CONFIRM_MIN_GAIN) for before, after in zip(baseline, runs)]
+
+
 def _duel(incumbent: str, incumbent_runs: Runs, challenger: str, challenger_runs: Runs) -> tuple[str, Runs, dict[str, object]]:
     """The winner of two variants of one group, each in context, and the record of the duel: the
     challenger wins only when faster with confidence at every profile."""
-    pairs = [time_paired(a, b, CONTEXT_POLICY, threshold=1.0) for a, b in zip(incumbent_runs, challenger_runs)]
+    pairs = [time_paired(a, b, DUEL_POLICY, threshold=1.0) for a, b in zip(incumbent_runs, challenger_runs)]
     won = all(p.high < 1 for p in pairs)
     record = {"against": incumbent, "won": won, **pairs[0].to_dict()}
     return (challenger, challenger_runs, record) if won else (incumbent, incumbent_runs, record)
