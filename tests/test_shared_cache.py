@@ -16,7 +16,6 @@ that binary is missing or does not start.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
