@@ -42,10 +42,10 @@ import onnxruntime as ort
 
 import convlower
 from convlower.models.builders import conv_block, residual_chain
-from convlower.runner import PairedPolicy, Runner, time_paired
+from convlower.runner import PairedPolicy, PairedRatio, Runner, time_paired
 from convlower.verify import input_sets, verify
 
-AB = PairedPolicy(min_rounds=20, max_rounds=400, budget_s=8.0)
+AB = PairedPolicy(min_rounds=20, max_rounds=600, budget_s=15.0, precision=0.01)
 CORPUS = Path.home() / ".cache" / "convlower-corpus"
 
 
@@ -67,6 +67,7 @@ class Run:
     chosen: int
     reverts: int
     predicted: float | None
+    predicted_interval: tuple[float, float] | None
     measured: float | None
     interval: tuple[float, float] | None
     ab: float
@@ -81,9 +82,11 @@ def one_run(model: onnx.ModelProto, shapes: dict, confirm: bool | str, runner: R
     check = report._primary_check()
     interval = (1 / check["interval"][1], 1 / check["interval"][0]) if check else None
     feeds = input_sets(model, input_shapes=shapes, runs=1, seed=7)[0]
-    paired = time_paired(runner.session(model).runner_for(feeds), runner.session(result.model).runner_for(feeds), AB)
+    paired = ab(runner, model, result.model, feeds)
     chosen = sum(1 for n in report.nodes if n.chosen != "original")
-    return Run(chosen, len(report.reverted), report.predicted_speedup if chosen else None, report.speedup if chosen else None,
+    return Run(chosen, len(report.reverted), report.predicted_speedup if chosen else None,
+               tuple(report.predicted_interval) if chosen and report.predicted_interval else None,
+               report.speedup if chosen else None,
                interval if chosen else None, 1 / paired.ratio, (1 / paired.high, 1 / paired.low), report.tuning.get("seconds", 0.0),
                report.tuning.get("confirm_seconds"))
 
@@ -131,7 +134,7 @@ def profile_rows(candidates: dict[str, tuple[onnx.ModelProto, list[dict]]], runn
         lowered = sum(1 for n in result.report.nodes if n.chosen != "original")
         for index, profile in enumerate(profiles):
             feeds = input_sets(model, input_shapes=profile, runs=1, seed=7)[0]
-            paired = time_paired(runner.session(model).runner_for(feeds), runner.session(result.model).runner_for(feeds), AB)
+            paired = ab(runner, model, result.model, feeds)
             listed = result.report.profiles[index] if index < len(result.report.profiles) else {}
             in_report = "yes" if listed.get("shapes") == {k: list(v) for k, v in profile.items()} else "NO"
             guard = fmt(listed.get("speedup"), tuple(listed["interval"]) if "interval" in listed else None)
@@ -144,6 +147,14 @@ def profile_rows(candidates: dict[str, tuple[onnx.ModelProto, list[dict]]], runn
               "that profile after optimize returned, with its 95% interval; guard measured: the guard's own timing at that "
               "profile (- where the model was written unchanged); in report: the report lists this profile's shapes."]
     return lines
+
+
+def ab(runner: Runner, original: onnx.ModelProto, optimized: onnx.ModelProto, feeds: dict) -> PairedRatio:
+    """The optimized model (B) against the original (A), the original's session made last: any
+    edge a later-made session has goes to the original, as in the guard."""
+    second = runner.session(optimized)
+    first = runner.session(original)
+    return time_paired(first.runner_for(feeds), second.runner_for(feeds), AB)
 
 
 def fmt(value: float | None, interval: tuple[float, float] | None = None) -> str:
@@ -180,20 +191,19 @@ def main() -> int:
         return 0
     names = args.models.split(",") if args.models else list(available)
     lines = [f"onnxruntime {ort.__version__} on {runner.provider} ({runner.device}); {args.repeat} runs per mode", "",
-             "| model | self-check (A vs A) | mode | run | nodes chosen | guard reverts | predicted | guard measured [95%] "
+             "| model | self-check (A vs A) | mode | run | nodes chosen | guard reverts | predicted [95%] | guard measured [95%] "
              "| independent A/B [95%] | tuning s | confirm s |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in names:
         model, shapes = available[name]
         feeds = input_sets(model, input_shapes=shapes, runs=1, seed=7)[0]
-        session = runner.session(model)
-        self_check = time_paired(session.runner_for(feeds), runner.session(model).runner_for(feeds), AB)
+        self_check = ab(runner, model, model, feeds)
         noise = fmt(1 / self_check.ratio, (1 / self_check.high, 1 / self_check.low))
         for mode, confirm in MODES:
             for index in range(args.repeat):
                 print(f"{name} {mode} run {index + 1} ...", file=sys.stderr, flush=True)
                 run = one_run(model, shapes, confirm, runner)
-                lines.append(f"| {name} | {noise} | {mode} | {index + 1} | {run.chosen} | {run.reverts} | {fmt(run.predicted)} "
+                lines.append(f"| {name} | {noise} | {mode} | {index + 1} | {run.chosen} | {run.reverts} | {fmt(run.predicted, run.predicted_interval)} "
                              f"| {fmt(run.measured, run.interval)} | {fmt(run.ab, run.ab_interval)} | {run.tuning_s:.1f} "
                              f"| {'-' if run.confirm_s is None else f'{run.confirm_s:.1f}'} |")
     lines += ["", "predicted: isolated = original time over (time - node gains measured alone); in context (model) = product "
