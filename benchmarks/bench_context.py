@@ -169,6 +169,7 @@ def main() -> int:
     parser.add_argument("--models", default=None, help="comma-separated (default: all found)")
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--modes", default="isolated,model,neighbours", help="comma-separated: isolated, model, neighbours")
     parser.add_argument("--profiles", action="store_true", help="the two-profile runs instead")
     parser.add_argument("--small", action="store_true", help="--profiles: the zoo at its small sizes (a quick end-to-end check)")
     parser.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo", help="--profiles: the zoo's exporter")
@@ -199,7 +200,7 @@ def main() -> int:
         feeds = input_sets(model, input_shapes=shapes, runs=1, seed=7)[0]
         self_check = ab(runner, model, model, feeds)
         noise = fmt(1 / self_check.ratio, (1 / self_check.high, 1 / self_check.low))
-        for mode, confirm in MODES:
+        for mode, confirm in (m for m in MODES if (m[1] or "isolated") in args.modes.split(",")):
             for index in range(args.repeat):
                 print(f"{name} {mode} run {index + 1} ...", file=sys.stderr, flush=True)
                 run = one_run(model, shapes, confirm, runner)

@@ -436,7 +436,11 @@ def _confirm_in_context(
     a node lowered to MatMul in the middle of a chain loses both and pays layout conversions. So
     each group of identical nodes (largest predicted gain first) is added to the choices kept so
     far only when the model with it is faster than the model without it by `CONFIRM_MIN_GAIN`,
-    with confidence (`_clear_gain`).
+    with confidence (`_clear_gain`), twice: a group that passes is timed again in sessions made
+    anew, and kept only if it passes again. Across dozens of groups with no real gain, one
+    passing by chance in a run was common (the guard then reverted it); twice by chance is rare.
+    The second measurement, made after the group was picked, is also the one the prediction
+    uses: the first is biased toward gain by the picking itself.
 
     Which variant: node times within `NEAR_TIE` of each other do not say which is faster in the
     model, so once a group's choice is confirmed, the variants near it meet it in the model, two
@@ -474,13 +478,15 @@ def _confirm_in_context(
         best, best_runs = contenders[0], trial(contenders[0])
         pairs = _against_baseline(where, kept, best_runs)
         duels: dict[str, dict[str, object]] = {}
-        if _clear_gain(pairs, CONFIRM_MIN_GAIN) and len(contenders) > 1:
+        first: list[PairedRatio] = []
+        if _clear_gain(pairs, CONFIRM_MIN_GAIN):
             for challenger in contenders[1:]:
                 best, best_runs, duels[challenger] = _duel(best, best_runs, challenger, trial(challenger))
-            if best != contenders[0]:
-                pairs = _against_baseline(where, kept, best_runs)
-        del best_runs  # a big model's weights: at most two sessions alive at once
-        _record_context(by_name, names, best, pairs, duels, where.method)
+            del best_runs  # a big model's weights: at most two sessions alive at once
+            first, pairs = pairs, _against_baseline(where, kept, trial(best))
+        else:
+            del best_runs
+        _record_context(by_name, names, best, pairs, duels, where.method, first)
         if _clear_gain(pairs, CONFIRM_MIN_GAIN):
             kept.update({name: best for name in names})
     return kept
@@ -555,10 +561,11 @@ def _contenders(node: NodeReport) -> list[str]:
 
 
 def _record_context(by_name: dict[str, NodeReport], names: list[str], best: str, pairs: list[PairedRatio],
-                    duels: dict[str, dict[str, object]], method: str) -> None:
+                    duels: dict[str, dict[str, object]], method: str, first: list[PairedRatio]) -> None:
     """Each node's `context`: the in-context ratio of `best` against the context without it, the
     method (where it was measured), the duels that chose it, and the reason when the group went
-    back to the original or changed variant in context. A neighbourhood's context also has
+    back to the original or changed variant in context. `first` is the measurement a kept group
+    passed before its replicate `pairs` (under "first"). A neighbourhood's context also has
     "saved_ms", the milliseconds the choice saved there, from which `Report.predicted_speedup`
     predicts the whole model."""
     kept = _clear_gain(pairs, CONFIRM_MIN_GAIN)
@@ -570,6 +577,8 @@ def _record_context(by_name: dict[str, NodeReport], names: list[str], best: str,
         context["profiles"] = [p.to_dict() for p in pairs]
     if duels:
         context["duels"] = duels
+    if first:
+        context["first"] = first[0].to_dict()
     worst = max(pairs, key=lambda p: p.high)
     measured = f"time ratio {worst.ratio:.3f}, {worst.confidence:.0%} interval {worst.low:.3f}-{worst.high:.3f}"
     for name in names:
@@ -577,7 +586,8 @@ def _record_context(by_name: dict[str, NodeReport], names: list[str], best: str,
         node.context = context
         if not kept:
             others = f"; the variants near it in node time ({', '.join(duels)}) were no faster in the {'model' if method == 'model' else 'neighbourhood'}" if duels else ""
-            node.reason = f"{best} won alone but not {where} ({measured}){others}"
+            node.reason = (f"{best} won alone and once {where}, but not again ({measured})" if first
+                           else f"{best} won alone but not {where} ({measured}){others}")
             node.chosen = ORIGINAL
         elif best != node.chosen:
             node.reason = f"{best} chosen over {node.chosen}, which was faster alone: {best} was faster {where}"

@@ -450,10 +450,11 @@ class PairedPolicy:
     """How `time_paired` measures: rounds of `block` timed runs of each model back to back, from
     `min_rounds` until the answer is clear, or `budget_s` / `max_rounds` is spent.
 
-    The answer is clear when the confidence interval of the ratio leaves out the threshold and is
-    no wider than ±`precision`: the ratio is also an estimate others build on (a group's
-    in-context ratio is a factor of the predicted speedup), so a decision that is clear early
-    still measures on, within the budget, until the estimate is precise.
+    The answer is clear when the confidence interval of the ratio lies wholly above the threshold,
+    or wholly below it and no wider than ±`precision`: a ratio below the threshold is what gets
+    kept and built on (a group's in-context ratio is a factor of the predicted speedup), so that
+    answer measures on, within the budget, until the estimate is precise; one above it is dropped
+    as soon as it is clear. Without a threshold, until the interval is within ±`precision`.
 
     Runs of `long_run_ms` or more are timed one per side a round, without the untimed run after
     each switch: that run absorbs the caches the other model evicted, which such a run does not
@@ -496,9 +497,8 @@ class PairedRatio:
 def time_paired(
     a: Callable[[], object], b: Callable[[], object], policy: PairedPolicy = PairedPolicy(), threshold: float | None = None
 ) -> PairedRatio:
-    """Time B against A in paired rounds until the interval of B/A is clear of `threshold` (wholly
-    below or above it; any interval, without a threshold) and within ±`policy.precision`, or the
-    budget is spent."""
+    """Time B against A in paired rounds until the interval of B/A lies wholly above `threshold`,
+    or wholly below it and within ±`policy.precision` (see `PairedPolicy`), or the budget is spent."""
     warm = [_warm_up(call, policy.warmup) for call in (a, b)]
     block, settle = (1, False) if max(warm) >= policy.long_run_ms else (policy.block, True)
     samples: tuple[list[float], list[float]] = ([], [])
@@ -528,9 +528,12 @@ def time_paired(
             continue
         next_check = rounds + max(1, rounds // 8)  # the bootstrap costs more than a fast round: not after every one
         low, high = _bootstrap_interval(np.array(log_ratios), policy, rng)
-        clear = threshold is None or high < threshold or low > threshold
         precise = high / low <= (1 + policy.precision) / (1 - policy.precision)
-        if (clear and precise) or spent:
+        if threshold is None:
+            done = precise
+        else:
+            done = low > threshold or (high < threshold and precise)
+        if done or spent:
             break
     return PairedRatio(float(np.exp(np.median(log_ratios))), low, high, policy.confidence, len(log_ratios),
                        Timing.of(samples[0]), Timing.of(samples[1]))

@@ -304,6 +304,7 @@ def test_a_near_tie_that_is_faster_in_the_model_takes_the_kept_group(extra_conv_
     assert duel["against"] == "with_matmuls" and duel["won"] is True and duel["interval"][1] < 1
     assert kept == {"a": "plain"} and node.chosen == "plain" and node.context["variant"] == "plain"
     assert node.context["kept"] is True and node.context["interval"][1] < 1 - CONFIRM_MIN_GAIN
+    assert node.context["first"]["interval"][1] < 1 - CONFIRM_MIN_GAIN, "kept on two measurements, the second reported"
     assert node.reason.startswith("plain chosen over with_matmuls")
 
 

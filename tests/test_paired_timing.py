@@ -53,6 +53,13 @@ def test_a_clear_answer_still_measures_until_the_interval_is_precise() -> None:
     assert precise.high / precise.low <= 1.03 / 0.97 or precise.rounds == 200
 
 
+def test_an_answer_clearly_above_the_threshold_stops_at_once() -> None:
+    """Slower than the threshold: dropped, so its precision does not matter."""
+    tight = PairedPolicy(warmup=1, block=1, min_rounds=4, max_rounds=200, budget_s=20, precision=0.001)
+    slower = time_paired(sleeper(0.002), sleeper(0.006), tight, threshold=0.9)
+    assert slower.rounds == 4 and slower.low > 0.9
+
+
 def test_the_budget_ends_an_answer_that_stays_unclear() -> None:
     """Two equal calls against a threshold of 1: the interval never leaves 1 out for long, and the
     budget stops the rounds."""
