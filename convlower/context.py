@@ -21,9 +21,7 @@ Weights are the model's initializers, shared rather than copied: an external wei
 reference to its data file, as in `convlower.tune.micro_model`.
 
 `InNeighbourhood` holds a group's neighbourhood at each profile and runs it with any choices
-applied, for optimize's confirmation to time variants in (`convlower.optimize._confirm_in_context`);
-`time_in_neighbourhood` times one group's choice there: the neighbourhood with the choices kept so
-far against it with the group's choice too, paired (`convlower.runner.time_paired`).
+applied, for optimize's confirmation to time variants in (`convlower.optimize._confirm_in_context`).
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ from convlower.passes import family_for
 
 from .modelio import default_opset
 from .rewrite import apply_choices, finish, import_graph, plan_nodes, sort_nodes
-from .runner import PairedPolicy, PairedRatio, Runner, time_paired
+from .runner import Runner
 from .verify import input_sets
 
 ACTIVATIONS = frozenset({"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu"})
@@ -107,30 +105,6 @@ class InNeighbourhood:
             session = self.runner.session(apply_choices(model, applied) if applied else model, what="the neighbourhood")
             found.append(session.runner_for(feeds))
         return found
-
-
-def time_in_neighbourhood(
-    model: onnx.ModelProto,
-    choices: Mapping[str, str],
-    runner: Runner,
-    *,
-    baseline: Mapping[str, str] | None = None,
-    depth: int = 1,
-    policy: PairedPolicy = PairedPolicy(),
-    threshold: float | None = None,
-    seed: int = 1234,
-) -> PairedRatio:
-    """The time ratio, paired, of the choices' neighbourhood with them over without them.
-
-    One micro-model holds the neighbourhoods of all the nodes in `choices` (a tuning group's
-    members together). `baseline` are choices already kept elsewhere: those that fall inside the
-    neighbourhood are applied on both sides, so a neighbour lowered before is lowered in A and B
-    alike. `model` needs static input shapes (see `neighbourhood`).
-    """
-    where = InNeighbourhood([model], list(choices), runner, depth=depth, seed=seed)
-    before = {name: variant for name, variant in (baseline or {}).items() if name not in choices}
-    (without,), (with_choices,) = where.runs(before), where.runs({**before, **choices})
-    return time_paired(without, with_choices, policy, threshold=threshold)
 
 
 def _conv_like(node: gs.Node) -> bool:

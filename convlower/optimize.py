@@ -482,12 +482,11 @@ def _confirm_in_context(
         if _clear_gain(pairs, CONFIRM_MIN_GAIN):
             for challenger in contenders[1:]:
                 best, best_runs, duels[challenger] = _duel(best, best_runs, challenger, trial(challenger))
-            del best_runs  # a big model's weights: at most two sessions alive at once
-            first, pairs = pairs, _against_baseline(where, kept, trial(best))
-        else:
-            del best_runs
-        _record_context(by_name, names, best, pairs, duels, where.method, first)
-        if _clear_gain(pairs, CONFIRM_MIN_GAIN):
+            first = pairs
+        del best_runs  # a big model's weights: at most two sessions alive at once
+        if first:
+            pairs = _against_baseline(where, kept, trial(best))
+        if _record_context(by_name, names, best, pairs, duels, where.method, first):
             kept.update({name: best for name in names})
     return kept
 
@@ -561,10 +560,10 @@ def _contenders(node: NodeReport) -> list[str]:
 
 
 def _record_context(by_name: dict[str, NodeReport], names: list[str], best: str, pairs: list[PairedRatio],
-                    duels: dict[str, dict[str, object]], method: str, first: list[PairedRatio]) -> None:
-    """Each node's `context`: the in-context ratio of `best` against the context without it, the
-    method (where it was measured), the duels that chose it, and the reason when the group went
-    back to the original or changed variant in context. `first` is the measurement a kept group
+                    duels: dict[str, dict[str, object]], method: str, first: list[PairedRatio]) -> bool:
+    """Whether the group is kept, and each node's `context`: the in-context ratio of `best` against
+    the context without it, the method (where it was measured), the duels that chose it, and the
+    reason when the group went back to the original or changed variant in context. `first` is the measurement a kept group
     passed before its replicate `pairs` (under "first"). A neighbourhood's context also has
     "saved_ms", the milliseconds the choice saved there, from which `Report.predicted_speedup`
     predicts the whole model."""
@@ -585,13 +584,13 @@ def _record_context(by_name: dict[str, NodeReport], names: list[str], best: str,
         node = by_name[name]
         node.context = context
         if not kept:
-            others = f"; the variants near it in node time ({', '.join(duels)}) were no faster in the {'model' if method == 'model' else 'neighbourhood'}" if duels else ""
             node.reason = (f"{best} won alone and once {where}, but not again ({measured})" if first
-                           else f"{best} won alone but not {where} ({measured}){others}")
+                           else f"{best} won alone but not {where} ({measured})")
             node.chosen = ORIGINAL
         elif best != node.chosen:
             node.reason = f"{best} chosen over {node.chosen}, which was faster alone: {best} was faster {where}"
             node.chosen = best
+    return kept
 
 
 def _guard(

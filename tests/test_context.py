@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from convlower.context import NoNeighbourhood, neighbourhood, time_in_neighbourhood
+from convlower.context import InNeighbourhood, NoNeighbourhood, neighbourhood
 from convlower.modelio import load_model
 from convlower.models.builders import conv_block, residual_chain
 from convlower.optimize import NEAR_TIE, _confirm_in_context, optimize
@@ -181,10 +181,12 @@ def test_a_neighbourhood_refers_to_external_weights_rather_than_copying_them(tmp
     assert_same_as_in_the_whole_model(load_model(path), micro, feeds)
 
 
-def test_time_in_neighbourhood_times_the_choice_against_the_neighbourhood_without_it(model: onnx.ModelProto) -> None:
-    from convlower.runner import PairedPolicy
+def test_a_neighbourhood_times_the_choice_against_itself_without_it(model: onnx.ModelProto) -> None:
+    from convlower.runner import PairedPolicy, time_paired
 
-    paired = time_in_neighbourhood(model, {"c1": "im2col"}, Runner("cpu"), policy=PairedPolicy(min_rounds=3, max_rounds=3))
+    where = InNeighbourhood([model], ["c1"], Runner("cpu"))
+    (without,), (with_choice,) = where.runs({}), where.runs({"c1": "im2col"})
+    paired = time_paired(without, with_choice, PairedPolicy(min_rounds=3, max_rounds=3))
     assert paired.rounds == 3 and paired.a.median_ms > 0 and paired.b.median_ms > 0
     assert paired.low <= paired.ratio <= paired.high
 
