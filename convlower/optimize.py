@@ -40,9 +40,12 @@ from .modelio import ModelLike, default_opset, load_model
 from .report import NodeReport, Report
 from .rewrite import PlannedNode, all_graphs, apply_choices, finish, import_graph, plan_nodes, unlowered_conv_ops
 from .runner import PairedPolicy, PairedRatio, RunError, Runner, TimingPolicy, time_paired
+from .settings import SessionSettings
+from .settings import candidates as settings_candidates
+from .settings import record as record_settings
 from .shapes import InputInfo, ShapeProfiles, graph_inputs, resolve_shapes, shape_profiles, with_static_inputs
 from .tune import ORIGINAL, NodeTuning, VariantOutcome, choose_across, tune_node, tuning_key
-from .verify import VerifyResult, given_arrays, input_sets, verify
+from .verify import VerifyResult, compare, given_arrays, input_sets, verify
 
 MODEL_MIN_GAIN = 0.01
 """The optimized whole model is kept only when it is this much faster with `MODEL_POLICY.confidence`:
@@ -165,8 +168,11 @@ def optimize(
     static = [_profile_shapes(recognized_proto, planned, graph, shapes, feeds, runner) for shapes in profiles]
     groups = _group(planned, static, report)
     report.unlowered_ops = unlowered_conv_ops(proto)
+    timing_feeds = [input_sets(proto, input_shapes=shapes, inputs=feeds, runs=1, seed=1234)[0] for shapes in profiles]
+    if guard:
+        runner = tune_settings(proto, runner, timing_feeds, report)
     cache_store = TuningCache.open(default_cache_path() if cache is USE_DEFAULT_CACHE else cache)  # type: ignore[arg-type]
-    environment = [runner.provider, runner.device, report.onnxruntime, threads]
+    environment = [runner.settings.label(), runner.device, report.onnxruntime, threads]
 
     started = time.perf_counter()
     tuned: dict[str, NodeTuning] = {}
@@ -205,7 +211,6 @@ def optimize(
         report.tuning["cache_errors"] = cache_store.errors
 
     choices = {n.name: n.chosen for n in report.nodes if n.chosen != ORIGINAL}
-    timing_feeds = [input_sets(proto, input_shapes=shapes, inputs=feeds, runs=1, seed=1234)[0] for shapes in profiles]
     if method and guard:
         members = {key: [entry.name for entry, _ in group] for key, group in groups.items()}
         confirming = time.perf_counter()
@@ -214,9 +219,13 @@ def optimize(
     optimized = apply_choices(proto, choices) if choices else proto
     if guard:
         optimized = _guard(proto, optimized, choices, report, runner, profiles, feeds, timing_feeds, atol, rtol)
+        runner = _try_cuda_graph(optimized, runner, timing_feeds, report, atol, rtol)
     else:
         report.verification = {"skipped": True}
-    return OptimizeResult(_record_profiles(optimized, profiles), report)
+    report.session_settings["chosen"] = runner.settings.to_dict()
+    written = _record_profiles(optimized, profiles)
+    record_settings(written, runner.settings)
+    return OptimizeResult(written, report)
 
 
 def _record_profiles(model: onnx.ModelProto, profiles: list[dict[str, tuple[int, ...]]]) -> onnx.ModelProto:
@@ -230,6 +239,83 @@ def _record_profiles(model: onnx.ModelProto, profiles: list[dict[str, tuple[int,
     for key, value in stamp.items():
         model.metadata_props.add(key=key, value=value)
     return model
+
+
+def tune_settings(
+    model: onnx.ModelProto, runner: Runner, timing_feeds: list[Feeds], report: Report,
+    candidates: list[tuple[str, SessionSettings | None, str | None]] | None = None,
+) -> Runner:
+    """The runner with the session settings that make `model` fastest (`convlower.settings`).
+
+    Each candidate changes one setting of the best so far and is kept only when the whole model
+    is faster with it by `CONFIRM_MIN_GAIN`, with confidence, at every profile's inputs, so that
+    node tuning, confirmation and the guard all measure against the best-configured original.
+    CUDA graphs are left to `_try_cuda_graph`, on the model written. Every try, and why a
+    setting did not apply or failed, goes to `report.session_settings["tried"]`."""
+    tried = report.session_settings.setdefault("tried", [])
+    found = settings_candidates(runner.settings, model, len(timing_feeds)) if candidates is None else candidates
+    for name, candidate, why_not in found:
+        if name == "enable_cuda_graph":
+            continue
+        if candidate is None:
+            tried.append({"setting": name, "status": "not_applicable", "reason": why_not})
+            continue
+        trial = runner.with_settings(candidate)
+        try:
+            after_session = trial.session(model, what=f"the model with {name}")
+            after = [after_session.runner_for(f) for f in timing_feeds]
+            before_session = runner.session(model)  # made last: any edge a later session has goes to the baseline
+            before = [before_session.runner_for(f) for f in timing_feeds]
+        except UsageError as exc:
+            tried.append({"setting": name, "status": "rejected", "reason": exc.what})
+            continue
+        pairs = [time_paired(b, a, CONTEXT_POLICY, threshold=1 - CONFIRM_MIN_GAIN) for b, a in zip(before, after)]
+        del after_session, before_session, after, before
+        kept = _clear_gain(pairs, CONFIRM_MIN_GAIN)
+        tried.append({"setting": name, "status": "ok", "kept": kept, "settings": candidate.to_dict(), **pairs[0].to_dict()})
+        if kept:
+            runner = trial
+    return runner
+
+
+def _try_cuda_graph(
+    model: onnx.ModelProto, runner: Runner, timing_feeds: list[Feeds], report: Report, atol: float | None, rtol: float | None
+) -> Runner:
+    """The runner with `enable_cuda_graph` when the written model, replayed as one CUDA graph,
+    gives the same outputs and is faster with confidence; else the runner as it was.
+
+    Tried last and on the model written: a graph replays fixed buffers, so the pipeline's own
+    sessions, which run on many inputs, never use it; a user's session made with
+    `convlower.session` does, through IOBinding."""
+    entry = next((c for c in settings_candidates(runner.settings, model, len(timing_feeds)) if c[0] == "enable_cuda_graph"), None)
+    if entry is None:
+        return runner
+    name, candidate, why_not = entry
+    tried = report.session_settings.setdefault("tried", [])
+    if candidate is None:
+        tried.append({"setting": name, "status": "not_applicable", "reason": why_not})
+        return runner
+    feeds = timing_feeds[0]
+    try:
+        expected = runner.session(model).run(feeds)
+        graph_session = runner.with_settings(candidate).session(model, what="the model as a CUDA graph")
+        after = graph_session.runner_for(feeds, outputs_like=expected)
+        after()  # a replay of the captured graph, not the capturing run
+        diffs = [compare(str(i), want, got, atol, rtol) for i, (want, got) in enumerate(zip(expected, after.outputs()))]
+        before_session = runner.session(model)
+        before = before_session.runner_for(feeds)
+    except (UsageError, ValueError) as exc:
+        tried.append({"setting": name, "status": "rejected", "reason": getattr(exc, "what", str(exc))})
+        return runner
+    failed = [d for d in diffs if not d.passed]
+    if failed:
+        tried.append({"setting": name, "status": "rejected",
+                      "reason": f"the replayed graph's outputs disagree (max abs err {max(d.max_abs_err for d in failed):.3g})"})
+        return runner
+    paired = time_paired(before, after, CONTEXT_POLICY, threshold=1 - CONFIRM_MIN_GAIN)
+    kept = _clear_gain([paired], CONFIRM_MIN_GAIN)
+    tried.append({"setting": name, "status": "ok", "kept": kept, "settings": candidate.to_dict(), **paired.to_dict()})
+    return runner.with_settings(candidate) if kept else runner
 
 
 def _group(

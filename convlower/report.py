@@ -15,6 +15,8 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
+from .settings import SessionSettings
+
 
 @dataclass
 class NodeReport:
@@ -79,6 +81,9 @@ class Report:
     notices: list[str] = field(default_factory=list)
     tuning: dict[str, Any] = field(default_factory=dict)
     unlowered_ops: dict[str, int] = field(default_factory=dict)
+    session_settings: dict[str, Any] = field(default_factory=dict)
+    """The session settings the model was tuned and written with ("chosen", `SessionSettings.to_dict`)
+    and every setting tried at the model level ("tried": its ratio and interval, or why not)."""
     """Convolution ops in the model that no pass family lowers (ConvInteger, QLinearConv, ...), by count."""
     onnxruntime: str = ort.__version__
 
@@ -165,6 +170,7 @@ class Report:
             "guard": {"reverted": self.reverted, "timings": self.guard_timings},
             "tuning": self.tuning,
             "unlowered_ops": self.unlowered_ops,
+            "session_settings": self.session_settings,
             "notices": self.notices,
         }
 
@@ -194,6 +200,10 @@ class Report:
         """One line: how many nodes the written model lowers, what the guard found, and whether the
         model written is the input unchanged (then no end-to-end speedup is claimed)."""
         where = f"on {self.provider} ({self.device})"
+        chosen = self.session_settings.get("chosen")
+        changes = SessionSettings.from_dict(chosen).changes_from_baseline() if chosen else {}
+        if changes:
+            where += " with " + ", ".join(f"{k}={v}" for k, v in changes.items())
         found = ", ".join(f"{count} {op}" for op, count in self.unlowered_ops.items())
         if all(n.original_ms is None for n in self.nodes):
             why = f"{len(self.nodes)} node(s) cannot be lowered (the table says why)" if self.nodes else "no Conv, ConvTranspose or known idiom"

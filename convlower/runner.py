@@ -2,9 +2,11 @@
 
 Providers:
 - `cpu`: CPUExecutionProvider.
-- `cuda`: CUDAExecutionProvider with cuDNN's exhaustive algorithm search; inputs live on the
-  device (IOBinding with OrtValues made once), outputs stay there while timing. If CUDA cannot
-  load, that is an error, never a silent fallback.
+- `cuda`: CUDAExecutionProvider with an explicit cuDNN algorithm search (exhaustive unless the
+  session settings tuned say otherwise; never DEFAULT, see `convlower.settings`); inputs live on
+  the device and outputs are preallocated there (IOBinding with OrtValues made once), so a timed
+  run copies nothing to or from the host, and a CUDA graph can be captured and replayed. If CUDA
+  cannot load, that is an error, never a silent fallback.
 - `auto`: CUDA where it loads, else CPU with a notice saying why.
 
 Before CUDA is tried, `onnxruntime.preload_dlls()` loads the CUDA and cuDNN libraries that pip
@@ -19,6 +21,7 @@ Whatever was asked for, `Runner.provider` is what a session really got (`get_pro
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import io
 import os
@@ -42,16 +45,9 @@ from .errors import UsageError
 from .modelio import runtime_compatible
 from .weights import runtime_model
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-PROVIDER_CHOICES = ("auto", "cuda", "cpu")
+from .settings import CPU, CUDA, CUDA_BASELINE, SessionSettings
 
-CUDA_OPTIONS = {
-    "device_id": "0",
-    "cudnn_conv_algo_search": "EXHAUSTIVE",
-    "cudnn_conv_use_max_workspace": "1",
-    "do_copy_in_default_stream": "1",
-}
+PROVIDER_CHOICES = ("auto", "cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -91,7 +87,7 @@ class TimingPolicy:
 
 
 class Runner:
-    """Makes sessions on one provider with one thread setting, and says which provider ran."""
+    """Makes sessions on one provider with one set of session settings, and says which provider ran."""
 
     def __init__(self, provider: str = "auto", threads: int | None = None, *, quiet: bool = False):
         if provider not in PROVIDER_CHOICES:
@@ -100,8 +96,17 @@ class Runner:
         self.threads = threads
         self.notice: str | None = None
         self.provider = self._resolve(provider)
+        self.settings = SessionSettings.baseline(self.provider, threads)
         if self.notice and not quiet:
             console.notice(self.notice)
+
+    def with_settings(self, settings: SessionSettings) -> "Runner":
+        """A runner like this one whose sessions use `settings` (for the same provider)."""
+        if settings.provider != self.provider:
+            raise ValueError(f"settings for {settings.provider} on a runner of {self.provider}")
+        other = copy.copy(self)
+        other.settings = settings
+        return other
 
     def _resolve(self, requested: str) -> str:
         if requested == "cpu":
@@ -127,12 +132,9 @@ class Runner:
         the running one (a ResNet's interleaved median doubled, 4.7 -> 9.0 ms). Every session
         pays the same small wake-up cost instead, so comparisons stay fair.
         """
-        options = ort.SessionOptions()
+        options = self.settings.session_options()
         options.log_severity_level = 4  # failures reach the user as exceptions, in one line
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if self.threads:
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
         handed: list[ort.OrtValue] = []
         if isinstance(model, onnx.ModelProto):
             model, data_folder, arrays = runtime_model(runtime_compatible(model))
@@ -141,16 +143,15 @@ class Runner:
             if arrays:
                 handed = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]
                 options.add_external_initializers(list(arrays), handed)
-        providers: list = [(CUDA, CUDA_OPTIONS), CPU] if self.provider == CUDA else [CPU]
         try:
-            session = ort.InferenceSession(model, options, providers=providers)
+            session = ort.InferenceSession(model, options, providers=self.settings.providers())
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error classes
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(
                 f"onnxruntime cannot load {what}: {reason}", "check that the model is valid for this onnxruntime"
             ) from exc
         session.external_initializers = handed  # their buffers must outlive the session
-        return Session(session, self.provider, what)
+        return Session(session, self.provider, what, cuda_graph=self.settings.cuda_graph)
 
 
 class RunError(UsageError):
@@ -184,16 +185,21 @@ def run_error(exc: Exception, what: str) -> RunError:
 class Session:
     """One onnxruntime session: run on feeds, or time repeated runs on them."""
 
-    def __init__(self, session: ort.InferenceSession, provider: str, what: str = "the model"):
+    def __init__(self, session: ort.InferenceSession, provider: str, what: str = "the model", *, cuda_graph: bool = False):
         self.ort = session
         self.provider = session.get_providers()[0]
         self.output_names = [o.name for o in session.get_outputs()]
         self.input_names = [i.name for i in session.get_inputs()]
         self._on_device = provider == CUDA and self.provider == CUDA
+        self.cuda_graph = cuda_graph and self._on_device
         self.what = what
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Outputs as host arrays, in the session's output order; a failure raises `RunError`."""
+        """Outputs as host arrays, in the session's output order; a failure raises `RunError`.
+
+        A session that replays a CUDA graph runs only through `runner_for`, whose buffers stay put."""
+        if self.cuda_graph:
+            raise ValueError(f"{self.what}: a CUDA-graph session runs through runner_for(feeds, outputs_like=...)")
         try:
             return self.ort.run(None, self._select(feeds))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error classes
@@ -202,31 +208,56 @@ class Session:
     def _select(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {name: feeds[name] for name in self.input_names}
 
-    def runner_for(self, feeds: dict[str, np.ndarray]):
+    def runner_for(self, feeds: dict[str, np.ndarray], outputs_like: Sequence[np.ndarray] | None = None) -> "BoundRun":
         """A zero-argument callable that runs once on these feeds, device-resident on CUDA.
 
-        One checked run comes first, so inputs the model cannot run on raise `RunError` here."""
-        self.run(feeds)
+        One checked run comes first, so inputs the model cannot run on raise `RunError` here. On
+        CUDA, inputs are copied to the device once and outputs preallocated there, from the
+        checked run's outputs or, for a CUDA-graph session (whose buffers must not move between
+        capture and replay), from `outputs_like`, arrays of the outputs' shapes and dtypes."""
         selected = self._select(feeds)
         if not self._on_device:
-            return lambda: self.ort.run(None, selected)
+            self.run(feeds)
+            return BoundRun(lambda: self.ort.run(None, selected))
+        if outputs_like is None:
+            outputs_like = self.run(feeds)
         binding = self.ort.io_binding()
-        keep = []
-        for name, array in selected.items():
-            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array).reshape(array.shape), "cuda", 0)
-            keep.append(value)
+        inputs = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(selected[name]), "cuda", 0) for name in self.input_names]
+        outputs = [ort.OrtValue.ortvalue_from_shape_and_type(list(like.shape), like.dtype, "cuda", 0) for like in outputs_like]
+        for name, value in zip(self.input_names, inputs):
             binding.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            binding.bind_output(name, "cuda", 0)
+        for name, value in zip(self.output_names, outputs):
+            binding.bind_ortvalue_output(name, value)
 
-        def once():
+        def once() -> None:
             self.ort.run_with_iobinding(binding)
-            return keep
 
-        return once
+        try:
+            once()  # a CUDA graph is captured here
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error classes
+            raise run_error(exc, self.what) from exc
+        return BoundRun(once, outputs, keep=inputs)
 
     def time(self, feeds: dict[str, np.ndarray], policy: TimingPolicy = TimingPolicy()) -> Timing:
         return time_interleaved([self], feeds, policy)[0]
+
+
+class BoundRun:
+    """One run of a session on fixed feeds, as a zero-argument callable; on CUDA its inputs and
+    outputs live on the device, and `outputs()` copies the last run's outputs to the host."""
+
+    def __init__(self, call: Callable[[], object], device_outputs: Sequence[ort.OrtValue] = (), keep: Sequence[ort.OrtValue] = ()):
+        self._call = call
+        self._device_outputs = list(device_outputs)
+        self._keep = list(keep)  # the device inputs must outlive the binding
+
+    def __call__(self) -> object:
+        return self._call()
+
+    def outputs(self) -> list[np.ndarray]:
+        if self._device_outputs:
+            return [value.numpy() for value in self._device_outputs]
+        return list(self._call())  # type: ignore[arg-type]
 
 
 def time_interleaved(
@@ -362,7 +393,7 @@ def _probe_cuda() -> str | None:
     try:
         with _stderr_into(log):
             session = ort.InferenceSession(
-                probe.SerializeToString(), options, providers=[(CUDA, CUDA_OPTIONS), CPU]
+                probe.SerializeToString(), options, providers=[(CUDA, CUDA_BASELINE), CPU]
             )
     except Exception as exc:  # noqa: BLE001 - any failure to start CUDA means CPU
         return _ort_reason(str(exc)) or type(exc).__name__
