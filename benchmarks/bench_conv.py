@@ -1,6 +1,6 @@
 """Median latency of every Conv variant beside native's, on representative layer shapes.
 
-    python benchmarks/bench_conv.py [--quick] [--provider auto|cpu|cuda] [--threads N]
+    python benchmarks/bench_conv.py [--quick] [--provider auto|cpu|cuda] [--threads N] [--only TEXT]...
 
 Each shape is a single-Conv model, weights as initializers as in deployment. Each applicable
 variant lowers it; its output is checked against the original's on the same input, and they are
@@ -79,6 +79,9 @@ SHAPES = [
     ConvShape("mobilenet_pointwise", 32, 64, (112, 112), (1, 1)),
     ConvShape("tcn_1d_k3_d4", 128, 128, (1024,), (3,), pads=(4, 4), dilations=(4,)),
     ConvShape("c3d_3x3x3", 32, 32, (8, 28, 28), (3, 3, 3), pads=(1, 1, 1, 1, 1, 1)),
+    ConvShape("vit_b16_patch_embed", 3, 768, (224, 224), (16, 16), (16, 16)),
+    ConvShape("video_swin_patch_embed_2x4x4", 3, 96, (8, 56, 56), (2, 4, 4), (2, 4, 4)),
+    ConvShape("tcn_1d_k3_t4000", 64, 64, (4000,), (3,), pads=(1, 1)),
 ]
 
 LOWERINGS = [name for name in family_for("Conv").variant_names if name != "native"]
@@ -133,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short timing budget per shape (a smoke run)")
     parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
+                        help="bench only the shapes whose name contains TEXT (repeatable)")
     args = parser.parse_args(argv)
+    shapes = [s for s in SHAPES if not args.only or any(text in s.name for text in args.only)]
+    if not shapes:
+        parser.error(f"no shape name contains {' or '.join(args.only)}; shapes: {', '.join(s.name for s in SHAPES)}")
     policy = (
         TimingPolicy(warmup=1, min_runs=5, max_runs=20, budget_s=0.2)
         if args.quick
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     runner = Runner(args.provider, args.threads)
     rows = []
-    for shape in SHAPES:
+    for shape in shapes:
         rows.append(bench_shape(shape, runner, policy))
         print(f"  {shape.name} done", file=sys.stderr)
     print(table(rows))

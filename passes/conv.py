@@ -8,6 +8,9 @@ Rewrites (K = prod(kernel_shape) kernel taps, G = groups, P = prod(output spatia
     einsum            Conv → Pad ∘ Slice×K ∘ Concat ∘ Reshape ∘ Einsum ∘ Add? ∘ Reshape
     pointwise_matmul  Conv[1×…×1] → Pad? ∘ Slice? ∘ Reshape ∘ MatMul ∘ Sum? ∘ Reshape
     depthwise_shift   Conv[group = C] → Pad ∘ Unsqueeze? ∘ (Slice ∘ Mul)×K ∘ Sum ∘ Reshape?
+    patchify_matmul   Conv[stride = kernel, no pad] → Slice? ∘ Reshape ∘ Transpose ∘ Reshape ∘ MatMul ∘ Add? ∘ Reshape
+    conv2d_row        Conv[1-D] → Unsqueeze ∘ Conv[1×k] ∘ Squeeze
+    conv2d_column     Conv[1-D] → Unsqueeze ∘ Conv[k×1] ∘ Squeeze
 
 Every lowering but `native` starts the same way (seed 003): pad the input once, then read it
 through each kernel tap as a strided Slice, the "window" of that tap, which already has the
@@ -16,7 +19,13 @@ over the windows concatenated (im2col, seed 003 `conv_im2col`), a MatMul per win
 `conv_matmul`), an Einsum over the stacked windows with a group index (seeds 001 and 004), or, for a
 depthwise conv, a broadcast Mul per window summed.
 
-Layouts stay channels-first, so activations are never transposed: windows `[N, C, *out]`
+A conv whose strides equal its kernel and that has no padding (the patch embedding of ViT, Swin
+and video transformers) reads every input element exactly once, in non-overlapping patches:
+`patchify_matmul` needs no windows, only a reshape of the input into patches and one MatMul. A 1-D
+conv can run as a 2-D conv on a `[1, T]` row or a `[T, 1]` column (`conv2d_row`, `conv2d_column`),
+layouts a runtime may serve by other kernels than its 1-D conv; the tuner picks per node.
+
+Layouts stay channels-first, so the windowed lowerings never transpose activations: windows `[N, C, *out]`
 concatenated on axis 2 have exactly the memory layout of `[N, C, K, *out]`, which reshapes for free
 to `[N, G, C/G·K, P]`, and `W[G, M/G, C/G·K] @ cols` gives `[N, G, M/G, P]`. The group axis is left out
 when G = 1. Weights and bias are reshaped and transposed in NumPy once at rewrite time when they are
@@ -24,9 +33,10 @@ constants, and by nodes in the graph when they are run-time inputs.
 
 Dynamic shapes: window slices count their ends back from the end of each axis, and the final
 Reshape reads symbolic output dims off a window at run time, so every variant handles a dynamic
-batch and dynamic spatial dims. The one exception is `auto_pad` SAME_UPPER/SAME_LOWER on a dynamic
-spatial dim: its pads depend on the run-time size, the spec records them as unknown (`pads` None),
-and only `native` applies.
+batch and dynamic spatial dims (`patchify_matmul` computes its patch grid at run time from the input's
+Shape). The one exception is `auto_pad` SAME_UPPER/SAME_LOWER on a dynamic spatial dim: its pads
+depend on the run-time size, the spec records them as unknown (`pads` None), and only the variants
+that keep a Conv apply (`native`, and the 2-D layouts of a 1-D conv, which pass `auto_pad` on).
 """
 
 from __future__ import annotations
@@ -236,6 +246,34 @@ def why_not_depthwise(spec: ConvSpec) -> str | None:
     return why_not_unknown_pads(spec)
 
 
+def why_not_patchify(spec: ConvSpec) -> str | None:
+    if spec.strides != spec.kernel_shape:
+        return f"strides {_tuple_text(spec.strides)} differ from kernel_shape {_tuple_text(spec.kernel_shape)}"
+    if spec.taps == 1:
+        kernel = "x".join(map(str, spec.kernel_shape))
+        return f"kernel {kernel} with stride 1 is pointwise: pointwise_matmul lowers it without the patch reshapes"
+    if any(d != 1 for d in spec.dilations):
+        return f"dilations {_tuple_text(spec.dilations)} are not 1"
+    if spec.group != 1:
+        return f"group={spec.group} is not 1"
+    if not spec.pads_known:
+        return why_not_unknown_pads(spec)
+    if any(spec.resolved_pads):
+        return f"pads {_tuple_text(spec.resolved_pads)} are not zero"
+    return None
+
+
+def why_not_2d_layout(spec: ConvSpec) -> str | None:
+    if spec.rank != 1:
+        return f"rank {spec.rank} Conv: the 2-D layouts are for 1-D Convs"
+    return None
+
+
+def _tuple_text(values: Sequence[int]) -> str:
+    """`(1, 1)`, and `(2)` for one value (not Python's `(2,)`)."""
+    return f"({', '.join(map(str, values))})"
+
+
 # ---- shared pieces of the lowerings ----------------------------------------------------------
 
 
@@ -390,6 +428,112 @@ def build_depthwise_shift(
         to_output(b, spec, b.sum(terms), taps[0], first_axis, outputs[0])
 
 
+def build_patchify_matmul(
+    b: Builder, spec: ConvSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]
+) -> None:
+    """A conv with strides = kernel and no padding as non-overlapping patches and one MatMul.
+
+    Each output position reads its own patch, so the column matrix is the input itself rearranged:
+    crop to whole patches (out·k per axis, only where an axis may have a remainder), Reshape to
+    `[N, C, O1, k1, O2, k2, ...]`, Transpose to `[N, C, k1, k2, ..., O1, O2, ...]`, Reshape to
+    `[N, C·K, P]`; then `W[M, C·K] @ columns` is `[N, M, P]`. No input element is copied K times
+    as in im2col. Symbolic spatial dims get the patch grid `O = Shape(x)[2:] / k` at run time.
+    On onnxruntime's CPU provider the Conv itself stays faster (benchmarks/bench_conv.py: 1.4x on
+    ViT-B/16's, 2.3x on a video Swin's): the 8-D Transpose costs more than the Conv's own im2col.
+    """
+    x, weight, bias = operands(spec, inputs)
+    grid = patch_grid(b, spec, x)
+    patches = b.reshape(whole_patches(b, spec, x, grid), patch_split_shape(b, spec, grid))
+    kernel_axes = [3 + 2 * i for i in range(spec.rank)]
+    grid_axes = [2 + 2 * i for i in range(spec.rank)]
+    columns = b.reshape(b.transpose(patches, [0, 1, *kernel_axes, *grid_axes]), [0, spec.in_channels * spec.taps, -1])
+    y = b.matmul(rearranged(b, weight, Reshape((spec.out_channels, spec.in_channels * spec.taps))), columns)
+    if bias is not None:
+        y = b.add(y, grouped_bias(b, spec, bias))
+    head = [0, spec.out_channels]
+    out_shape = b.ints(head + list(spec.out_spatial)) if grid is None else b.concat([b.ints(head), grid], axis=0)
+    b.reshape(y, out_shape, out=outputs[0])
+
+
+def patch_grid(b: Builder, spec: ConvSpec, x: gs.Tensor) -> gs.Tensor | None:
+    """The patch counts per spatial axis (the output's spatial dims) as a run-time int64 vector
+    `Shape(x)[2:] / kernel` when any of them is symbolic; None when all are static (in the spec)."""
+    if None not in spec.out_spatial:
+        return None
+    return b.op("Div", [b.shape(x, start=2), b.ints(spec.kernel_shape)])
+
+
+def whole_patches(b: Builder, spec: ConvSpec, x: gs.Tensor, grid: gs.Tensor | None) -> gs.Tensor:
+    """x cut to `out·k` along each spatial axis, dropping the remainder the conv never reads: a
+    Slice only where an axis may have one (a static size that is not a multiple of its kernel, or
+    a symbolic size with a kernel > 1); x itself otherwise."""
+    ragged = [i for i, (n, k) in enumerate(zip(spec.in_spatial, spec.kernel_shape)) if k > 1 and (n is None or n % k)]
+    if not ragged:
+        return x
+    if grid is None:
+        ends = [spec.out_spatial[i] * spec.kernel_shape[i] for i in ragged]
+        return b.slice(x, [0] * len(ragged), ends, [2 + i for i in ragged])
+    ends = b.op("Mul", [grid, b.ints(spec.kernel_shape)])
+    return b.op("Slice", [x, b.ints([0] * spec.rank), ends, b.ints(range(2, 2 + spec.rank))])
+
+
+def patch_split_shape(b: Builder, spec: ConvSpec, grid: gs.Tensor | None) -> gs.Tensor:
+    """The Reshape target `[N, C, O1, k1, O2, k2, ...]` that splits each spatial axis into
+    (patch index, offset in the patch): constant when the grid is static, else the run-time grid
+    interleaved with the kernel by Unsqueeze, Concat and Reshape."""
+    head = [0, spec.in_channels]
+    if grid is None:
+        return b.ints(head + [d for o, k in zip(spec.out_spatial, spec.kernel_shape) for d in (o, k)])
+    kernel_column = b.const(np.asarray(spec.kernel_shape, dtype=np.int64).reshape(spec.rank, 1), "ints")
+    pairs = b.concat([b.unsqueeze(grid, [1]), kernel_column], axis=1)
+    return b.concat([b.ints(head), b.reshape(pairs, [-1])], axis=0)
+
+
+def build_conv2d_row(b: Builder, spec: ConvSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
+    """A 1-D conv as a 2-D conv on the row `[N, C, 1, T]` with a `[1, k]` kernel."""
+    build_as_2d_conv(b, spec, inputs, outputs, unit_axis=2)
+
+
+def build_conv2d_column(b: Builder, spec: ConvSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
+    """A 1-D conv as a 2-D conv on the column `[N, C, T, 1]` with a `[k, 1]` kernel."""
+    build_as_2d_conv(b, spec, inputs, outputs, unit_axis=3)
+
+
+def build_as_2d_conv(
+    b: Builder, spec: ConvSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable], unit_axis: int
+) -> None:
+    """Unsqueeze a unit spatial axis at `unit_axis` (2 or 3), Conv in 2-D, Squeeze it away.
+
+    The unit axis gets kernel 1, stride 1, dilation 1 and no pads, so it maps 1 to 1; the other
+    axis gets the 1-D conv's attributes, and the weight `[M, C/G, k]` the unit axis too; group and
+    bias stay. Pads that are only known at run time (SAME_* on a symbolic length) stay `auto_pad`:
+    SAME_* gives the unit axis zero pads, so the 2-D conv pads the length exactly as the 1-D one.
+    Which of the 1-D conv, the row and the column runs fastest depends on the runtime's kernels and
+    the shape: the tuner times them.
+    """
+    x, weight, bias = operands(spec, inputs)
+
+    def placed(value: int, unit: int) -> list[int]:
+        """A 2-D attribute: `unit` on the unit axis, `value` (the 1-D conv's) on the other."""
+        return [unit, value] if unit_axis == 2 else [value, unit]
+
+    (kernel,), (stride,), (dilation,) = spec.kernel_shape, spec.strides, spec.dilations
+    attrs: dict = {
+        "kernel_shape": placed(kernel, 1),
+        "strides": placed(stride, 1),
+        "dilations": placed(dilation, 1),
+        "group": spec.group,
+    }
+    if spec.pads_known:
+        begin, end = spec.resolved_pads
+        attrs["pads"] = placed(begin, 0) + placed(end, 0)
+    else:
+        attrs["auto_pad"] = spec.auto_pad
+    w = rearranged(b, weight, Reshape((spec.out_channels, spec.in_per_group, *placed(kernel, 1))))
+    y = b.op("Conv", [b.unsqueeze(x, [unit_axis]), w, *([bias] if bias is not None else [])], attrs)
+    b.squeeze(y, [unit_axis], out=outputs[0])
+
+
 VARIANTS = (
     SimpleVariant("native", why_not_native, build_native, "Conv with explicit, resolved attributes"),
     SimpleVariant("im2col", why_not_unknown_pads, build_im2col, "Pad + slices + Concat + Reshape + MatMul"),
@@ -397,6 +541,11 @@ VARIANTS = (
     SimpleVariant("einsum", why_not_einsum, build_einsum, "Einsum over stacked shifted windows"),
     SimpleVariant("pointwise_matmul", why_not_pointwise, build_shift_matmul, "1x1 kernels: one MatMul"),
     SimpleVariant("depthwise_shift", why_not_depthwise, build_depthwise_shift, "group == channels: sum of shifted Mul"),
+    SimpleVariant(
+        "patchify_matmul", why_not_patchify, build_patchify_matmul, "stride == kernel, no pads: patches + one MatMul"
+    ),
+    SimpleVariant("conv2d_row", why_not_2d_layout, build_conv2d_row, "1-D Conv as a 2-D Conv on a [1, T] row"),
+    SimpleVariant("conv2d_column", why_not_2d_layout, build_conv2d_column, "1-D Conv as a 2-D Conv on a [T, 1] column"),
 )
 
 FAMILY = register(OpFamily("Conv", "", make_spec, VARIANTS))

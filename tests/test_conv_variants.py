@@ -33,12 +33,17 @@ from convlower.rewrite import remaining_ops
 from convlower.runner import Runner
 from convlower.testing import assert_equivalent
 from convlower.verify import tolerances
-from tests.helpers import run, single_node_model
+from tests.helpers import op_types, run, single_node_model
 
 CONV = family_for("Conv")
 VARIANTS = CONV.variant_names
 STATIC_PAD_VARIANTS = ["im2col", "shift_matmul", "einsum"]
 """The variants that apply to every Conv whose pads are known at rewrite time (opset >= 12)."""
+LAYOUTS_2D = ["conv2d_row", "conv2d_column"]
+"""The variants that run a 1-D Conv as a 2-D one: they apply to every 1-D Conv."""
+KEEPS_A_CONV = {"native", *LAYOUTS_2D}
+"""The variants whose lowering is itself a Conv: like Conv, they take SAME_* pads left to run time,
+and onnxruntime refuses them where it refuses Conv."""
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -109,6 +114,8 @@ def test_conformance_case(case) -> None:  # noqa: ANN001 - onnx's TestCase
 
     Cases at an opset this onnxruntime cannot load run on onnx.reference. Float16 outputs get
     convlower's float16 tolerance: a lowering rounds each partial sum to float16, Conv does not.
+    The 1-D cases (causal convs) must take the 2-D layouts too. No case has strides equal to its
+    kernel and no pads, so `patchify_matmul` is checked by the tests further down only.
     """
     on_ort = loads_in_onnxruntime(case.model)
     input_names = [i.name for i in case.model.graph.input if i.name not in {t.name for t in case.model.graph.initializer}]
@@ -124,7 +131,18 @@ def test_conformance_case(case) -> None:  # noqa: ANN001 - onnx's TestCase
             for got, want in zip(outputs, expected):
                 loose = want.dtype == np.float16
                 assert_close(got, want, None if loose else case.atol, None if loose else case.rtol)
-    assert {"native", *STATIC_PAD_VARIANTS} <= applied
+    one_d = conv_rank(case.model) == 1
+    assert {"native", *STATIC_PAD_VARIANTS, *(LAYOUTS_2D if one_d else [])} <= applied
+
+
+def conv_rank(model: onnx.ModelProto) -> int:
+    """The number of spatial dims of the model's (first) Conv, read off its weight's inferred shape."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    conv = next(n for n in inferred.graph.node if n.op_type == "Conv")
+    values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.initializer]
+    weight = next(v for v in values if v.name == conv.input[1])
+    dims = weight.dims if isinstance(weight, onnx.TensorProto) else weight.type.tensor_type.shape.dim
+    return len(dims) - 2
 
 
 # ---- (b) hypothesis: the whole attribute space against onnxruntime's Conv ----------------------
@@ -213,9 +231,9 @@ class ConvCase:
         return run(self.model(), self.feeds())[0]
 
     def output_of(self, lowered: onnx.ModelProto, variant: str) -> np.ndarray:
-        """The lowered model's output on onnxruntime; on onnx.reference only where `native` keeps a
+        """The lowered model's output on onnxruntime; on onnx.reference only where the lowering is a
         Conv that onnxruntime cannot run (float64, or dilated SAME_* pads left to run time)."""
-        keeps_refused_conv = variant == "native" and (
+        keeps_refused_conv = variant in KEEPS_A_CONV and (
             self.dtype == "float64" or (self.dilated_same and self.dynamic_spatial)
         )
         if keeps_refused_conv:
@@ -231,23 +249,22 @@ BASE = ConvCase(
 """A plain 3x3 conv that the spec and structure tests vary one field at a time."""
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """How a Conv's kernel sits on its input: the ConvCase fields that decide its output's size."""
+
+    spatial: tuple[int, ...]
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    auto_pad: str
+    pads: tuple[int, ...] | None
+
+
 @st.composite
-def conv_cases(draw: st.DrawFn, variant: str, dtypes: tuple[str, ...] = ("float32",)) -> ConvCase:
-    """Conv nodes across the attribute space, narrowed to where `variant` applies."""
-    rank = draw(st.integers(1, 3))
-    groups_kind = "depthwise" if variant == "depthwise_shift" else draw(
-        st.sampled_from(["dense", "grouped", "depthwise", "depthwise_multiplier"])
-    )
-    if groups_kind.startswith("depthwise"):
-        group = in_channels = draw(st.integers(1, 4))
-        multiplier = draw(st.integers(2, 3)) if groups_kind == "depthwise_multiplier" else draw(st.integers(1, 2))
-        out_channels = in_channels * multiplier
-    else:
-        group = 1 if groups_kind == "dense" else draw(st.integers(2, 3))
-        in_channels = group * draw(st.integers(1, 3))
-        out_channels = group * draw(st.integers(1, 3))
-    largest = 1 if variant == "pointwise_matmul" else (3 if rank < 3 else 2)
-    kernel = tuple(draw(st.lists(st.integers(1, largest), min_size=rank, max_size=rank)))
+def sliding_windows(draw: st.DrawFn, rank: int, largest_kernel: int) -> Geometry:
+    """Any kernel up to `largest_kernel`, strides, dilations, explicit or auto pads, and an input it fits."""
+    kernel = tuple(draw(st.lists(st.integers(1, largest_kernel), min_size=rank, max_size=rank)))
     strides = tuple(draw(st.lists(st.integers(1, 3), min_size=rank, max_size=rank)))
     dilations = tuple(draw(st.lists(st.integers(1, 2), min_size=rank, max_size=rank)))
     auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"]))
@@ -258,18 +275,59 @@ def conv_cases(draw: st.DrawFn, variant: str, dtypes: tuple[str, ...] = ("float3
     padding = [0] * rank if pads is None else [pads[i] + pads[i + rank] for i in range(rank)]
     smallest = [1 if auto_pad.startswith("SAME") else max(1, e - p) for e, p in zip(extents, padding)]
     spatial = tuple(draw(st.integers(lo, lo + (6 if rank < 3 else 3))) for lo in smallest)
-    dynamic_spatial = draw(st.booleans()) and (variant == "native" or not auto_pad.startswith("SAME"))
+    return Geometry(spatial, kernel, strides, dilations, auto_pad, pads)
+
+
+@st.composite
+def patch_embeddings(draw: st.DrawFn, rank: int) -> Geometry:
+    """Strides equal to a kernel larger than 1x1, no pads (none, zeros, VALID, or SAME_* where the
+    size is a multiple of the kernel, so that they resolve to zero), dilation 1; the input 1-3
+    patches long per axis plus, unless SAME_*, a remainder the conv leaves unread."""
+    largest = 3 if rank < 3 else 2
+    kernel = draw(st.lists(st.integers(1, largest), min_size=rank, max_size=rank))
+    if max(kernel) == 1:
+        kernel[draw(st.integers(0, rank - 1))] = draw(st.integers(2, largest))
+    auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"]))
+    pads = (0,) * (2 * rank) if auto_pad == "NOTSET" and draw(st.booleans()) else None
+    remainder = (lambda k: st.just(0)) if auto_pad.startswith("SAME") else (lambda k: st.integers(0, k - 1))
+    spatial = tuple(k * draw(st.integers(1, 3)) + draw(remainder(k)) for k in kernel)
+    return Geometry(spatial, tuple(kernel), tuple(kernel), (1,) * rank, auto_pad, pads)
+
+
+@st.composite
+def conv_cases(draw: st.DrawFn, variant: str, dtypes: tuple[str, ...] = ("float32",)) -> ConvCase:
+    """Conv nodes across the attribute space, narrowed to where `variant` applies."""
+    rank = 1 if variant in LAYOUTS_2D else draw(st.integers(1, 3))
+    if variant == "depthwise_shift":
+        groups_kind = "depthwise"
+    elif variant == "patchify_matmul":
+        groups_kind = "dense"
+    else:
+        groups_kind = draw(st.sampled_from(["dense", "grouped", "depthwise", "depthwise_multiplier"]))
+    if groups_kind.startswith("depthwise"):
+        group = in_channels = draw(st.integers(1, 4))
+        multiplier = draw(st.integers(2, 3)) if groups_kind == "depthwise_multiplier" else draw(st.integers(1, 2))
+        out_channels = in_channels * multiplier
+    else:
+        group = 1 if groups_kind == "dense" else draw(st.integers(2, 3))
+        in_channels = group * draw(st.integers(1, 3))
+        out_channels = group * draw(st.integers(1, 3))
+    if variant == "patchify_matmul":
+        geometry = draw(patch_embeddings(rank))
+    else:
+        geometry = draw(sliding_windows(rank, largest_kernel=1 if variant == "pointwise_matmul" else (3 if rank < 3 else 2)))
+    dynamic_spatial = draw(st.booleans()) and (variant in KEEPS_A_CONV or not geometry.auto_pad.startswith("SAME"))
     return ConvCase(
         batch=draw(st.integers(1, 2)),
         in_channels=in_channels,
         out_channels=out_channels,
         group=group,
-        spatial=spatial,
-        kernel=kernel,
-        strides=strides,
-        dilations=dilations,
-        auto_pad=auto_pad,
-        pads=pads,
+        spatial=geometry.spatial,
+        kernel=geometry.kernel,
+        strides=geometry.strides,
+        dilations=geometry.dilations,
+        auto_pad=geometry.auto_pad,
+        pads=geometry.pads,
         bias=draw(st.booleans()),
         kernel_shape_attr=draw(st.booleans()),
         weights_as_inputs=draw(st.booleans()),
@@ -310,15 +368,76 @@ def test_variant_in_float16_and_float64_matches_onnx_reference(variant: str, dat
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_a_model_of_several_convs_keeps_its_interface(variant: str) -> None:
-    """conv_block (dense 3x3, depthwise 3x3/2, 1x1; symbolic batch) lowered where the variant fits."""
+    """conv_block (dense 3x3, depthwise 3x3/2, 1x1; symbolic batch) lowered where the variant fits:
+    not at all by the patch embedding and the 2-D layouts of 1-D Convs, which must leave it as it was."""
     model = conv_block(channels=4, size=8)
     result = convlower.lower(model, {"conv": variant})
     assert_well_formed(model, result.model)
     applied = {n.name for n in result.lowered}
-    expected = {"native": 3, "im2col": 3, "shift_matmul": 3, "einsum": 3, "pointwise_matmul": 1, "depthwise_shift": 1}
+    expected = {"native": 3, "im2col": 3, "shift_matmul": 3, "einsum": 3, "pointwise_matmul": 1, "depthwise_shift": 1,
+                "patchify_matmul": 0, "conv2d_row": 0, "conv2d_column": 0}
     assert len(applied) == expected[variant]
     assert len(remaining_ops(result.model, {"Conv"})) == (3 if variant == "native" else 3 - len(applied))
     assert_equivalent(model, result.model, input_shapes={"x": (2, 3, 8, 8)})
+
+
+PATCH_EMBEDDINGS = {
+    "vit_16x16": dataclasses.replace(
+        BASE, in_channels=3, out_channels=16, spatial=(64, 64), kernel=(16, 16), strides=(16, 16), bias=True
+    ),
+    "vit_16x16_ragged": dataclasses.replace(
+        BASE, in_channels=3, out_channels=16, spatial=(70, 50), kernel=(16, 16), strides=(16, 16), bias=True
+    ),
+    "video_2x4x4": dataclasses.replace(
+        BASE, in_channels=3, out_channels=8, spatial=(4, 8, 12), kernel=(2, 4, 4), strides=(2, 4, 4), dilations=(1, 1, 1),
+        bias=True,
+    ),
+}
+"""Patch embeddings of a ViT (3 -> 16 channels here, 768 in ViT-B) and of a video transformer
+(Conv3d); one whose input is no multiple of its patch, so the conv leaves a border unread."""
+
+
+@pytest.mark.parametrize("name", PATCH_EMBEDDINGS)
+def test_a_patch_embedding_becomes_one_matmul(name: str) -> None:
+    """Reshape, Transpose, Reshape, MatMul, Add, Reshape: no Conv, one GEMM, and a Slice only to
+    drop an unread border."""
+    case = PATCH_EMBEDDINGS[name]
+    lowered = lower_every_conv(case.model(), "patchify_matmul")
+    ops = op_types(lowered)
+    assert "Conv" not in ops and ops.count("MatMul") == 1
+    assert ops.count("Slice") == (1 if name.endswith("ragged") else 0)
+    assert_close(case.output_of(lowered, "patchify_matmul"), case.reference())
+
+
+def test_a_patch_embedding_on_symbolic_sizes_finds_its_patch_grid_at_run_time() -> None:
+    """One lowered model, input sizes that are and are not multiples of the patch: the crop and
+    every reshape are computed from the input's shape when it runs."""
+    model = dataclasses.replace(PATCH_EMBEDDINGS["vit_16x16"], dynamic_spatial=True).model()
+    lowered = lower_every_conv(model, "patchify_matmul")
+    assert op_types(lowered).count("MatMul") == 1
+    rng = np.random.default_rng(0)
+    for shape in [(2, 3, 64, 64), (1, 3, 70, 50), (1, 3, 16, 31)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        assert_close(run(lowered, {"x": x})[0], run(model, {"x": x})[0])
+
+
+@pytest.mark.parametrize(("variant", "kernel_shape"), [("conv2d_row", [1, 3]), ("conv2d_column", [3, 1])])
+def test_a_1d_conv_with_same_pads_on_a_symbolic_length_stays_same_in_2d(variant: str, kernel_shape: list[int]) -> None:
+    """SAME_* pads that are only known at run time: the 2-D Conv gets the same auto_pad, which
+    pads its unit axis by nothing, and agrees with the 1-D Conv at every length."""
+    case = dataclasses.replace(
+        BASE, group=4, spatial=(11,), kernel=(3,), strides=(2,), dilations=(1,), auto_pad="SAME_LOWER",
+        dynamic_spatial=True, bias=True,
+    )
+    model = case.model()
+    lowered = lower_every_conv(model, variant)
+    assert op_types(lowered) == ["Unsqueeze", "Conv", "Squeeze"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in lowered.graph.node[1].attribute}
+    assert attrs["auto_pad"] == b"SAME_LOWER" and attrs["kernel_shape"] == kernel_shape and "pads" not in attrs
+    rng = np.random.default_rng(0)
+    for length in (11, 16, 1):
+        x = rng.standard_normal((2, 4, length)).astype(np.float32)
+        assert_close(run(lowered, {"x": x})[0], run(model, {"x": x})[0])
 
 
 def test_constant_weights_are_rearranged_at_rewrite_time_and_input_weights_in_the_graph() -> None:
@@ -391,6 +510,17 @@ def test_explicit_pads_on_dynamic_spatial_dims_lower_with_every_variant() -> Non
         ("depthwise_shift", {"group": 2}, "group=2 with 4 input channels is not depthwise"),
         ("einsum", {"opset": 11}, "Einsum needs opset 12; the model is opset 11"),
         ("im2col", {"auto_pad": "SAME_LOWER", "dynamic_spatial": True}, "auto_pad=SAME_LOWER on a dynamic spatial dim"),
+        ("patchify_matmul", {}, "strides (1, 1) differ from kernel_shape (3, 3)"),
+        ("patchify_matmul", {"kernel": (1, 1)}, "kernel 1x1 with stride 1 is pointwise"),
+        ("patchify_matmul", {"strides": (3, 3), "dilations": (2, 1)}, "dilations (2, 1) are not 1"),
+        ("patchify_matmul", {"strides": (3, 3), "group": 2}, "group=2 is not 1"),
+        ("patchify_matmul", {"strides": (3, 3), "pads": (1, 1, 1, 1)}, "pads (1, 1, 1, 1) are not zero"),
+        ("patchify_matmul", {"strides": (3, 3), "auto_pad": "SAME_UPPER"}, "pads (1, 0, 1, 0) are not zero"),
+        ("patchify_matmul", {"strides": (3, 3), "auto_pad": "SAME_UPPER", "dynamic_spatial": True},
+         "auto_pad=SAME_UPPER on a dynamic spatial dim"),
+        ("conv2d_row", {}, "rank 2 Conv: the 2-D layouts are for 1-D Convs"),
+        ("conv2d_column", {"spatial": (4, 5, 6), "kernel": (3, 3, 3), "strides": (1, 1, 1), "dilations": (1, 1, 1)},
+         "rank 3 Conv: the 2-D layouts are for 1-D Convs"),
     ],
 )
 def test_why_not_says_why(variant: str, changes: dict, reason: str) -> None:
@@ -400,6 +530,14 @@ def test_why_not_says_why(variant: str, changes: dict, reason: str) -> None:
 def test_variants_that_fit_say_nothing() -> None:
     assert CONV.variant("pointwise_matmul").why_not(spec_of(kernel=(1, 1), strides=(2, 1))) is None
     assert CONV.variant("depthwise_shift").why_not(spec_of(group=4, out_channels=8)) is None
+    patchify = CONV.variant("patchify_matmul")
+    assert patchify.why_not(spec_of(strides=(3, 3))) is None
+    assert patchify.why_not(spec_of(strides=(3, 3), pads=(0, 0, 0, 0), dynamic_spatial=True)) is None
+    assert patchify.why_not(spec_of(strides=(3, 3), auto_pad="SAME_LOWER", spatial=(6, 9))) is None
+    one_d_same = spec_of(
+        spatial=(9,), kernel=(3,), strides=(2,), dilations=(2,), auto_pad="SAME_UPPER", dynamic_spatial=True
+    )
+    assert all(CONV.variant(v).why_not(one_d_same) is None for v in LAYOUTS_2D)
 
 
 def test_node_that_cannot_be_described_is_not_lowerable() -> None:
