@@ -62,6 +62,7 @@ from . import conv  # noqa: E402,F401  (registers Conv)
 from . import col2im, conv_transpose  # noqa: E402,F401
 from . import dynamic_filter, unfold  # noqa: E402,F401  (registers DynamicFilter, Unfold and the F.unfold idiom recognizer)
 from . import pixel_adaptive_conv, recognize_pac  # noqa: E402,F401  (registers PixelAdaptiveConv and its recognizer)
+from . import local_correlation  # noqa: E402,F401  (registers LocalCorrelation)
 from . import recognize_shift_loop, recognize_stacked_shifts  # noqa: E402,F401  (shift-and-sum idioms)
 from . import recognize_tensor_unfold  # noqa: E402,F401  (Tensor.unfold dynamic filters)
 

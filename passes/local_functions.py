@@ -42,7 +42,7 @@ class CanonicalOp:
 
     op_type: str
     input_names: tuple[str, ...]
-    resolve_attrs: Callable[[Mapping[str, Any]], dict[str, list[int]]]
+    resolve_attrs: Callable[[Mapping[str, Any]], dict[str, Any]]
     overload: Callable[[Mapping[str, Any]], str]
     build_body: BodyBuilder
 

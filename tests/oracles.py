@@ -3,12 +3,15 @@ convlower's reference, window helpers or lowerings.
 
     DynamicFilter:  Y[n, c, p] = sum_k Xpad[n, c, p*stride + k*dilation] * F[n, c // (C/G), k, p]
     Unfold:         F.unfold's rows [n, c*K + k, l]: tap k (row-major) of channel c at position l
+    LocalCorrelation:  Y[n, g, k, p] = scale * reduce_{c in group g} A[n, c, p] * B[n, c, p + δ_k]  (B zero outside)
 
 A window is anything with `kernel_shape`, `strides`, `dilations` and `pads` (ONNX order: every
 begin pad, then every end pad), such as `convlower.passes.dynamic_filter.SlidingWindow`; only those
 four fields are read: the output extent, the padding and the tap positions are computed here.
 Each tap is read with NumPy fancy indexing, one index array per spatial axis, the plainest
 transcription of the formula (no strided views, no shifted slices as the lowerings use).
+The LocalCorrelation oracle loops over displacements, groups and channels one by one; it is
+itself checked against a loop over every output element in tests/test_local_correlation.py.
 """
 
 from __future__ import annotations
@@ -73,3 +76,46 @@ def unfold_oracle(x: np.ndarray, window: Window) -> np.ndarray:
     out = output_extent(window, x.shape[2:])
     taps = np.stack([padded(x, window)[read] for read in tap_reads(window, out)], axis=2)
     return taps.reshape(x.shape[0], x.shape[1] * math.prod(window.kernel_shape), -1)
+
+
+class Correlation(Protocol):
+    """A LocalCorrelation's attributes, as `convlower.passes.local_correlation.Correlation` holds them."""
+
+    first: Sequence[int]
+    last: Sequence[int]
+    step: Sequence[int]
+    groups: int
+    reduction: str
+    scale: float
+
+
+def displacements(correlation: Correlation) -> list[tuple[int, ...]]:
+    """Every displacement δ, row-major (first axis slowest): first, first + step, .., last on each axis."""
+    return list(itertools.product(*(range(f, l + 1, s) for f, l, s in zip(correlation.first, correlation.last, correlation.step))))
+
+
+def local_correlation(a: np.ndarray, b: np.ndarray, correlation: Correlation) -> np.ndarray:
+    """LocalCorrelation: `Y[n, g, k, p] = scale * reduce_{c in group g} A[n, c, p] * B[n, c, p + δ_k]`,
+    `[N, G, K, *S]`, with B read as zero where `p + δ_k` falls outside it. One displacement at a
+    time (B moved by δ onto a zero array), then one group at a time, channel by channel."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    batch, channels, *spatial = a.shape
+    groups = correlation.groups
+    assert channels % groups == 0, "C must be a multiple of G"
+    per_group = channels // groups
+    moves = displacements(correlation)
+    y = np.zeros((batch, groups, len(moves), *spatial), dtype=a.dtype)
+    for k, delta in enumerate(moves):
+        b_at = np.zeros_like(b)  # b_at[..., p] = B[..., p + δ] where that is inside B
+        to = tuple(slice(max(0, -d), max(0, min(size, size - d))) for d, size in zip(delta, spatial))
+        read = tuple(slice(max(0, d), max(0, min(size, size + d))) for d, size in zip(delta, spatial))
+        if all(t.stop > t.start for t in to):
+            b_at[(slice(None), slice(None), *to)] = b[(slice(None), slice(None), *read)]
+        for g in range(groups):
+            total = np.zeros((batch, *spatial), dtype=a.dtype)
+            for c in range(g * per_group, (g + 1) * per_group):
+                total = total + a[:, c] * b_at[:, c]
+            if correlation.reduction == "mean":
+                total = total / a.dtype.type(per_group)
+            y[:, g, k] = a.dtype.type(correlation.scale) * total
+    return y
