@@ -1,8 +1,9 @@
 """`convlower.export`: torch.onnx.export with convlower's ops in place, returning a runnable model.
 
-The model it returns carries, for each `convlower.DynamicFilter` node, the model-local function
-that onnxruntime runs, at an IR version the installed onnxruntime reads. torch is imported only
-when `export` is called: it is an optional extra of convlower.
+The model it returns carries, for each canonical node (`convlower.DynamicFilter` from
+`convlower.ops.dynamic_filter`, `convlower.LocalCorrelation` from `convlower.ops.local_correlation`),
+the model-local function that onnxruntime runs, at an IR version the installed onnxruntime reads.
+torch is imported only when `export` is called: it is an optional extra of convlower.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def export(
     output_names: Sequence[str] | None = None,
     **export_kwargs: Any,
 ) -> onnx.ModelProto:
-    """Export a torch module to ONNX; `convlower.ops.dynamic_filter` becomes `convlower.DynamicFilter`.
+    """Export a torch module to ONNX; `convlower.ops.dynamic_filter` becomes `convlower.DynamicFilter`
+    and `convlower.ops.local_correlation` becomes `convlower.LocalCorrelation`.
 
     example_inputs: one tensor or a tuple of positional inputs. dynamo picks the exporter: the
     dynamo one (torch.export; opset 18 and newer) or the TorchScript one (`dynamo=False`).

@@ -19,10 +19,22 @@ Either way the node has domain `convlower` and the attributes `kernel_shape`, `s
 that lets onnxruntime run the node (and names symbolic batch, time or spatial dims for either
 exporter: `dynamic_axes`); after a plain `torch.onnx.export`, call
 `convlower.passes.local_functions.attach_functions(model)` for the same.
+
+`convlower.ops.local_correlation`: the LocalCorrelation op (cost volumes, local attention scores),
+exported the same way as one `convlower.LocalCorrelation` node:
+
+    cost = local_correlation(left, right, [0, (-47, 0)], groups=40)          # GwcNet: 48 disparities along W
+    flow = local_correlation(f1, f2, 4)                                       # PWC-Net: -4..4 on both axes, 81 taps
+    flow = local_correlation(f1, f2, [(-20, 20, 2)] * 2)                      # FlowNetC: -20..20 step 2 on both axes
+    attn = local_correlation(q, k, 2, groups=heads, reduction="sum", scale=d ** -0.5)   # 5x5 local attention
+
+computes `y[n, g, k, p] = scale * reduce_{c in group g} a[n, c, p] * b[n, c, p + δ_k]`, `[N, G, K, *S]`,
+with b read as zero outside its extent.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import torch
@@ -31,6 +43,8 @@ from torch import Tensor
 from torch.onnx import symbolic_helper
 
 from convlower.passes.dynamic_filter import OP_TYPE, SlidingWindow
+from convlower.passes.local_correlation import OP_TYPE as CORRELATION_OP_TYPE
+from convlower.passes.local_correlation import Correlation
 from convlower.passes.local_functions import DOMAIN, DOMAIN_VERSION
 
 Padding = str | int | Sequence[int]
@@ -185,3 +199,145 @@ def _onnx_symbolic(g, x, filters, kernel_shape, strides, dilations, pads):  # no
 
 
 torch.onnx.register_custom_op_symbolic(TORCH_OP, _onnx_symbolic, 1)
+
+
+# --- LocalCorrelation -----------------------------------------------------------------------------------
+
+CORRELATION_TORCH_OP = "convlower::local_correlation"
+Displacements = int | Sequence[int | Sequence[int]]
+"""d: -d..d step 1 on every spatial axis; or one entry per spatial axis: d (-d..d), (first, last)
+(step 1) or (first, last, step), the last displacement included."""
+
+
+def correlation_window(
+    spatial_rank: int, displacements: Displacements, groups: int = 1, reduction: str = "mean", scale: float = 1.0
+) -> Correlation:
+    """The `Correlation` (the node's attributes) of torch-style arguments; raises ValueError for bad
+    ones. A 1-D input's window is a list of one entry: `[(first, last, step)]`."""
+    per_axis = [displacements] * spatial_rank if isinstance(displacements, int) else list(displacements)
+    if len(per_axis) != spatial_rank:
+        raise ValueError(f"displacements has {len(per_axis)} entries; the input has {spatial_rank} spatial axes")
+    windows = []
+    for axis, entry in enumerate(per_axis):
+        if isinstance(entry, int):
+            if entry < 0:
+                raise ValueError(f"axis {axis}: a displacement radius must be >= 0, got {entry}")
+            windows.append((-entry, entry, 1))
+        elif len(entry) in (2, 3):
+            windows.append((int(entry[0]), int(entry[1]), int(entry[2]) if len(entry) == 3 else 1))
+        else:
+            raise ValueError(f"axis {axis}: {entry!r} is not d, (first, last) or (first, last, step)")
+    first, last, step = (tuple(w[i] for w in windows) for i in range(3))
+    correlation = Correlation(first, last, step, int(groups), reduction, float(scale))
+    correlation.validate()
+    return correlation
+
+
+def correlation_reference(a: Tensor, b: Tensor, correlation: Correlation) -> Tensor:
+    """LocalCorrelation in plain torch ops: pad b once by the window's reach, then per displacement
+    its shifted view times a, reduced over each group's channels; stacked on axis 2, times scale."""
+    rank = correlation.rank
+    before = [max(0, -f) for f in correlation.first]
+    after = [max(0, last) for last in correlation.last]
+    padded = F.pad(b, [p for axis in reversed(range(rank)) for p in (before[axis], after[axis])])
+    spatial = a.shape[2:]
+    offsets = itertools.product(*(range(f, l + 1, s) for f, l, s in zip(correlation.first, correlation.last, correlation.step)))
+    planes = []
+    for delta in offsets:
+        view = padded[(slice(None), slice(None), *(slice(p + d, p + d + n) for p, d, n in zip(before, delta, spatial)))]
+        grouped = (a * view).unflatten(1, (correlation.groups, -1))
+        planes.append(grouped.mean(2) if correlation.reduction == "mean" else grouped.sum(2))
+    y = torch.stack(planes, 2)
+    return y * correlation.scale if correlation.scale != 1.0 else y
+
+
+def _correlation(first: Sequence[int], last: Sequence[int], step: Sequence[int], groups: int, reduction: str, scale: float) -> Correlation:
+    return Correlation(tuple(first), tuple(last), tuple(step), groups, reduction, scale)
+
+
+@torch.library.custom_op(CORRELATION_TORCH_OP, mutates_args=())
+def _local_correlation(
+    a: Tensor, b: Tensor, first: list[int], last: list[int], step: list[int], groups: int, reduction: str, scale: float
+) -> Tensor:
+    return correlation_reference(a, b, _correlation(first, last, step, groups, reduction, scale))
+
+
+@_local_correlation.register_fake
+def _local_correlation_fake(
+    a: Tensor, b: Tensor, first: list[int], last: list[int], step: list[int], groups: int, reduction: str, scale: float
+) -> Tensor:
+    return a.new_empty((a.shape[0], groups, _correlation(first, last, step, groups, reduction, scale).taps, *a.shape[2:]))
+
+
+def _correlation_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library's callback signature
+    a, b, *attrs = inputs
+    ctx.save_for_backward(a, b)
+    ctx.correlation = _correlation(*attrs)
+
+
+def _correlation_backward(ctx, grad: Tensor):  # noqa: ANN001 - torch.library's callback signature
+    """Gradients by differentiating the reference on the saved inputs."""
+    a, b = ctx.saved_tensors
+    with torch.enable_grad():
+        a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+        grad_a, grad_b = torch.autograd.grad(correlation_reference(a, b, ctx.correlation), (a, b), grad)
+    return grad_a, grad_b, None, None, None, None, None, None
+
+
+torch.library.register_autograd(CORRELATION_TORCH_OP, _correlation_backward, setup_context=_correlation_setup_context)
+
+
+def local_correlation(
+    a: Tensor, b: Tensor, displacements: Displacements, groups: int = 1, reduction: str = "mean", scale: float = 1.0
+) -> Tensor:
+    """Local correlation: each position of `a` against the positions of `b` around it.
+
+    a, b: `[N, C, *S]` (1 to 3 spatial axes), C a multiple of `groups`. displacements: an int d
+    for -d..d step 1 on every axis, or one entry per spatial axis: d, (first, last) or (first,
+    last, step), last included (no displacement on an axis: 0 or (0, 0)). reduction: "mean" or
+    "sum" over each group's C/G channels; scale: a constant factor on the result. Returns
+    `[N, G, K, *S]`, K the displacements in row-major order (first axis slowest), zero where
+    `p + δ` falls outside b.
+    """
+    correlation = correlation_window(a.dim() - 2, displacements, groups, reduction, scale)
+    if not torch.jit.is_tracing():  # the TorchScript tracer would record the checks' shape reads
+        _check_correlation_shapes(a, b, correlation)
+    if torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing():
+        return torch.onnx.ops.symbolic(
+            f"{DOMAIN}::{CORRELATION_OP_TYPE}",
+            (a, b),
+            correlation.attrs(),
+            dtype=a.dtype,
+            shape=[a.shape[0], correlation.groups, correlation.taps, *a.shape[2:]],
+            version=DOMAIN_VERSION,
+        )
+    return _local_correlation(
+        a, b, list(correlation.first), list(correlation.last), list(correlation.step),
+        correlation.groups, correlation.reduction, correlation.scale,
+    )
+
+
+def _check_correlation_shapes(a: Tensor, b: Tensor, correlation: Correlation) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have one shape; got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dim() < 3:
+        raise ValueError(f"a must be [N, C, *S] with 1 to 3 spatial axes; got shape {tuple(a.shape)}")
+    if a.shape[1] % correlation.groups:
+        raise ValueError(f"the channels C={a.shape[1]} are not a multiple of groups={correlation.groups}")
+
+
+@symbolic_helper.parse_args("v", "v", "is", "is", "is", "i", "s", "f")
+def _correlation_symbolic(g, a, b, first, last, step, groups, reduction, scale):  # noqa: ANN001 - TorchScript graph values
+    """The TorchScript exporter's translation: one `convlower::LocalCorrelation` node, typed `[N, G, K, *S]`."""
+    y = g.op(
+        f"{DOMAIN}::{CORRELATION_OP_TYPE}", a, b, displacement_first_i=first, displacement_last_i=last,
+        displacement_step_i=step, groups_i=groups, reduction_s=reduction, scale_f=scale,
+    )
+    sizes = a.type().varyingSizes()
+    if sizes is not None:
+        taps = _correlation(first, last, step, groups, reduction, scale).taps
+        y.setType(a.type().with_sizes([sizes[0], groups, taps, *sizes[2:]]))
+    return y
+
+
+torch.onnx.register_custom_op_symbolic(CORRELATION_TORCH_OP, _correlation_symbolic, 1)
