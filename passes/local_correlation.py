@@ -42,15 +42,17 @@ per displacement (`tap_windows`), already of A's spatial shape.
   op's model-local function, since it runs for any shape and dtype.
 - `stacked_mul_reduce` stacks the K shifted B into one `[N, G, C/G, K, *S]` tensor and contracts
   it with A by one broadcast Mul and one ReduceSum. One Einsum in their place was measured on
-  onnxruntime's CPU provider (1.31, 2 threads) and lost 2-8x at GwcNet-like stereo shapes and
-  3.5x at a 5x5 local-attention window; it won 1.4x only at FlowNetC's 81 taps, where
-  `banded_matmul` is 9x faster than either.
+  onnxruntime's CPU provider (1.31, 2 threads) and lost 2.4-8.5x at GwcNet-like stereo shapes and
+  3.5x at a 5x5 local-attention window; it won 1.4x only at PWC-Net's 81 taps, where
+  `banded_matmul` is more than 10x faster than either. It does not apply where the stack would take more
+  than `STACK_LIMIT_BYTES`.
 - `banded_matmul` is the GEMM form. Along the band axis (the last axis with more than one
   displacement) it computes all pairs, `A^T [W, C/G] @ B_padded [C/G, W']` per row, and gathers the
   diagonal band by the skew of relative-position attention: the `[W, W']` product flattened,
   padded by W, viewed as `[W, W' + 1]` shifts row p left by p, so that displacement o is column
-  `o·step` of every row. Displacements on the other axes (the vertical offsets of a 2-D flow
-  window) each take a slice of B and a MatMul of their own. It computes W'/D times the products
+  `o·step` of every row (one Gather of the band from the flattened product instead was measured
+  1.3-2.6x slower). Displacements on the other axes (the vertical offsets of a 2-D flow window)
+  each take a slice of B and a MatMul of their own. It computes W'/D times the products
   the band needs, in one GEMM instead of elementwise: it does not apply where that is more than
   `BAND_WASTE_LIMIT` times.
 
@@ -91,6 +93,8 @@ from .local_functions import DOMAIN, CanonicalOp, add_function, register_canonic
 
 OP_TYPE = "LocalCorrelation"
 REDUCTIONS = ("mean", "sum")
+STACK_LIMIT_BYTES = 1 << 30
+"""`stacked_mul_reduce` applies while its stack of K shifted copies of B takes at most this much memory."""
 BAND_WASTE_LIMIT = 16
 """`banded_matmul` applies while its all-pairs product computes at most this many times the
 products of the band (W'/D); beyond that its GEMM does mostly wasted work."""
@@ -404,6 +408,19 @@ def _any_shape(spec: LocalCorrelationSpec) -> str | None:
     return None
 
 
+def _stacked_why_not(spec: LocalCorrelationSpec) -> str | None:
+    dims = (spec.batch, spec.channels, *spec.spatial)
+    if any(d is None for d in dims) or spec.dtype is None:
+        return None
+    stack_bytes = math.prod(dims) * spec.correlation.taps * np.dtype(spec.dtype).itemsize  # type: ignore[arg-type]
+    if stack_bytes > STACK_LIMIT_BYTES:
+        return (
+            f"its stack of K={spec.correlation.taps} shifted copies of B would take {stack_bytes / 2**30:.1f} GiB "
+            f"(more than {STACK_LIMIT_BYTES / 2**30:.0f} GiB)"
+        )
+    return None
+
+
 def _banded_matmul_why_not(spec: LocalCorrelationSpec) -> str | None:
     corr, band = spec.correlation, spec.band_axis
     extent = spec.spatial[band]
@@ -421,7 +438,7 @@ def _banded_matmul_why_not(spec: LocalCorrelationSpec) -> str | None:
 
 VARIANTS = (
     SimpleVariant("shift_mul_reduce", _any_shape, build_shift_mul_reduce, "Pad B, then per displacement Slice * A, ReduceSum|Mean"),
-    SimpleVariant("stacked_mul_reduce", _any_shape, build_stacked_mul_reduce, "K shifted B stacked, one Mul * A, one ReduceSum"),
+    SimpleVariant("stacked_mul_reduce", _stacked_why_not, build_stacked_mul_reduce, "K shifted B stacked, one Mul * A, one ReduceSum"),
     SimpleVariant("banded_matmul", _banded_matmul_why_not, build_banded_matmul, "all pairs by MatMul per row, band by skew + Slice"),
 )
 

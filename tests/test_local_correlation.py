@@ -305,6 +305,15 @@ def test_banded_matmul_does_not_apply_where_the_all_pairs_product_is_mostly_wast
     )
 
 
+def test_stacked_mul_reduce_does_not_apply_where_its_stack_would_pass_a_gibibyte() -> None:
+    """FlowNetC's 21x21 window of stride 2 over 256 channels at 48x64: 441 copies of B."""
+    flownetc = Correlation((-20, -20), (20, 20), (2, 2), 1, "mean", 1.0)
+    stacked = FAMILIES["localcorrelation"].variant("stacked_mul_reduce")
+    reason = stacked.why_not(spec_of(correlation_model((1, 256, 48, 64), flownetc)))
+    assert reason == "its stack of K=441 shifted copies of B would take 1.3 GiB (more than 1 GiB)"
+    assert stacked.why_not(spec_of(correlation_model(("N", 256, 48, 64), flownetc))) is None
+
+
 @pytest.mark.parametrize(
     "attrs, shapes, reason",
     [
