@@ -315,10 +315,6 @@ def time_rounds(timers: dict[str, Timer], budget_s: float, *, warmup: int = 3, m
     return {name: Timing.of(values) for name, values in samples.items()}
 
 
-def timing_dict(timing: "Timing") -> dict[str, float]:
-    return {"median_ms": timing.median_ms, "p10_ms": timing.p10_ms, "p90_ms": timing.p90_ms, "runs": timing.runs}
-
-
 # ---- section 0: environment ---------------------------------------------------------------------
 
 
@@ -849,8 +845,8 @@ def run_correctness(ctx: Context, record: SectionRecord) -> None:
     covered = [key for key in selected if key in GENERATORS]
     record.at(f"generated nodes of {', '.join(covered)} ({ctx.args.cases} each, float32 and float16)")
     for index in range(ctx.args.cases):
-        for position, key in enumerate(covered):
-            case = GENERATORS[key](index, np.random.default_rng([position, index]))
+        for key in covered:
+            case = GENERATORS[key](index, np.random.default_rng([list(GENERATORS).index(key), index]))
             checker.generated(case)
         data["generated_per_family"] = index + 1
 
@@ -898,12 +894,13 @@ def shift_all_directions(x: "torch.Tensor", k: int, reverse: bool) -> "torch.Ten
 
 
 def run_seed(ctx: Context, record: SectionRecord, limit: TimeLimit) -> None:
-    """Seed 000's headline at its shape: every way to run the layer, timed in one interleaved run."""
+    """Seed 000's headline at its shape: every way to run the layer, timed in one interleaved run.
+
+    A candidate that fails or runs out of its share of the budget (the export, optimize, the
+    compile) is a row saying so; the others are timed all the same."""
     import torch
 
-    import convlower
     from convlower.models.seed_filter import SeedFilter
-    from convlower.verify import compare
 
     batch = QUICK_CPU_SEED_BATCH if ctx.quick and not ctx.on_cuda else SEED_BATCH
     data = record.data
@@ -911,8 +908,8 @@ def run_seed(ctx: Context, record: SectionRecord, limit: TimeLimit) -> None:
     if batch != SEED_BATCH:
         data["note"] = f"N={batch}, not the seed's {SEED_BATCH}: --quick on the CPU"
     timing_s = 3.0 if ctx.quick else 6.0
+    reserve = timing_s + 4  # what the interleaved timing at the end needs
     rows: dict[str, dict[str, Any]] = data.setdefault("rows", {})
-    timers: dict[str, Timer] = {}
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 1, 32, 32), dtype=np.float32)
     f = rng.random((batch, 9, 32, 32), dtype=np.float32)
@@ -920,73 +917,108 @@ def run_seed(ctx: Context, record: SectionRecord, limit: TimeLimit) -> None:
     data["torch_device"] = str(device)
     tx, tf = torch.from_numpy(x).to(device), torch.from_numpy(f).to(device)
     module = SeedFilter(3).eval()
-
-    def checked(name: str, output: np.ndarray, how: str) -> None:
-        diff = compare("y", expected, output, None, None)
-        rows[name] = {"how": how, "max_abs_err": diff.max_abs_err, "agrees": diff.passed}
-
     with torch.inference_mode():
         record.at("torch eager: method_1 and method_2")
         expected = module(tx, tf).cpu().numpy()
-        checked("method_1", expected, "torch eager (unfold + einsum)")
-        checked("method_2", method_2(tx, tf.clone()).cpu().numpy(), "torch eager (shift-and-sum)")
+        seed_row(rows, "method_1", "torch eager (unfold + einsum)", expected, expected)
+        seed_row(rows, "method_2", "torch eager (shift-and-sum)", expected, method_2(tx, tf.clone()).cpu().numpy())
         scratch = tf.clone()  # method_2 shifts its filters in place: time it on a copy of its own
-        timers["method_1"] = torch_timer(lambda: module(tx, tf), device)
-        timers["method_2"] = torch_timer(lambda: method_2(tx, scratch), device)
         nbytes = x.nbytes + f.nbytes + expected.nbytes
         source = torch.empty(nbytes, dtype=torch.uint8, device=device)
         target = torch.empty_like(source)
         rows["copy floor"] = {"how": f"{'device-to-device' if ctx.on_cuda else 'host'} copy of the op's {nbytes / 2**20:.1f} MiB "
                                      "(inputs + output): twice the op's least memory traffic"}
-        timers["copy floor"] = torch_timer(lambda: target.copy_(source), device)
-
+        timers: dict[str, Timer] = {
+            "method_1": torch_timer(lambda: module(tx, tf), device),
+            "method_2": torch_timer(lambda: method_2(tx, scratch), device),
+            "copy floor": torch_timer(lambda: target.copy_(source), device),
+        }
         record.at("ONNX export on the provider")
-        exported = export_module(module, (torch.from_numpy(x), torch.from_numpy(f)))
-        session = ctx.runner.session(exported.model, what="the exported seed filter")
-        bound = session.runner_for(exported.feeds)
-        checked("ONNX export", bound.outputs()[0], f"torch.onnx export (TorchScript) on onnxruntime {session.provider}")
-        timers["ONNX export"] = wall_timer(bound)
-
-        record.at("convlower.optimize (guard on, no cache)")
-        reserve = timing_s + 4
-        with TimeLimit((limit.remaining() - reserve) * 0.6, "convlower.optimize of the seed filter") as optimizing:
-            started = time.perf_counter()
-            result = convlower.optimize(exported.model, inputs=exported.feeds, provider=ctx.provider_flag, cache=None)
-        if optimizing.expired:
-            rows["convlower optimized"] = {"how": "convlower.optimize", "note": f"optimize ran out of its {optimizing.seconds:.0f} s"}
-        else:
-            optimized = optimized_run(ctx, result, exported.feeds, expected)
-            checked("convlower optimized", optimized.outputs()[0], "convlower.optimize's model on onnxruntime")
-            rows["convlower optimized"].update(optimize_summary(result, time.perf_counter() - started))
-            timers["convlower optimized"] = wall_timer(optimized)
-
+        exported = seed_export(ctx, module, (x, f), expected, rows, timers)
+        if exported is not None:
+            record.at("convlower.optimize (guard on, no cache)")
+            seed_optimized(ctx, exported, expected, rows, timers, (limit.remaining() - reserve) * 0.6)
         record.at("torch.compile(method_1)")
-        with TimeLimit(limit.remaining() - reserve, "torch.compile of method_1") as compiling:
-            try:
-                started = time.perf_counter()
-                compiled = torch.compile(module)
-                output = compiled(tx, tf)
-                if ctx.on_cuda:
-                    torch.cuda.synchronize()
-                checked("torch.compile(method_1)", output.cpu().numpy(), "torch.compile (inductor), compile time excluded")
-                rows["torch.compile(method_1)"]["compile_s"] = time.perf_counter() - started
-                timers["torch.compile(method_1)"] = torch_timer(lambda: compiled(tx, tf), device)
-            except Exception as exc:  # noqa: BLE001 - a failure to compile is a row of the table
-                rows["torch.compile(method_1)"] = {"how": "torch.compile", "note": f"compile failed: {short(exc)}"}
-        if compiling.expired:
-            rows["torch.compile(method_1)"] = {"how": "torch.compile", "note": f"compile ran out of its {compiling.seconds:.0f} s"}
-
+        seed_compiled(module, (tx, tf), expected, rows, timers, limit.remaining() - reserve)
         record.at(f"timing {len(timers)} candidates interleaved")
         timings = time_rounds(timers, timing_s)
     for name, timing in timings.items():
-        rows[name].update(timing_dict(timing))
-    base, onnx_ms = timings["method_1"].median_ms, timings["ONNX export"].median_ms
-    for name, timing in timings.items():
-        rows[name]["vs_method_1"] = base / timing.median_ms
-        rows[name]["vs_onnx_export"] = onnx_ms / timing.median_ms
-    data["method_1_over_method_2"] = base / timings["method_2"].median_ms
+        rows[name].update(timing.to_dict())
+        rows[name]["vs_method_1"] = timings["method_1"].median_ms / timing.median_ms
+        if "ONNX export" in timings:
+            rows[name]["vs_onnx_export"] = timings["ONNX export"].median_ms / timing.median_ms
+    data["method_1_over_method_2"] = timings["method_1"].median_ms / timings["method_2"].median_ms
     data["timed_with"] = ("torch: CUDA events around each call; onnxruntime: wall time of one IOBinding run (device-resident "
                           "inputs and outputs; the run returns when the device is done)") if ctx.on_cuda else "wall time of each call"
+
+
+def seed_row(rows: dict[str, dict[str, Any]], name: str, how: str, expected: np.ndarray, output: np.ndarray) -> None:
+    """A candidate's row, with how far its output is from method_1's."""
+    from convlower.verify import compare
+
+    diff = compare("y", expected, output, None, None)
+    rows[name] = {"how": how, "max_abs_err": diff.max_abs_err, "agrees": diff.passed}
+
+
+def seed_export(ctx: Context, module: Any, arrays: tuple[np.ndarray, ...], expected: np.ndarray,
+                rows: dict[str, dict[str, Any]], timers: dict[str, Timer]) -> Exported | None:
+    """The layer exported as torch exports it, run on the provider through IOBinding; None if the export fails."""
+    import torch
+
+    try:
+        exported = export_module(module, tuple(torch.from_numpy(a) for a in arrays))
+        session = ctx.runner.session(exported.model, what="the exported seed filter")
+        bound = session.runner_for(exported.feeds)
+    except Exception as exc:  # noqa: BLE001 - a failed export is a row of the table
+        rows["ONNX export"] = {"how": "torch.onnx export (TorchScript)", "note": f"failed: {short(exc)}"}
+        return None
+    seed_row(rows, "ONNX export", f"torch.onnx export (TorchScript) on onnxruntime {session.provider}", expected, bound.outputs()[0])
+    timers["ONNX export"] = wall_timer(bound)
+    return exported
+
+
+def seed_optimized(ctx: Context, exported: Exported, expected: np.ndarray, rows: dict[str, dict[str, Any]],
+                   timers: dict[str, Timer], seconds: float) -> None:
+    """`convlower.optimize` of the export (guard on, no cache) within `seconds`, and its model bound on the provider."""
+    import convlower
+
+    name, how = "convlower optimized", "convlower.optimize's model on onnxruntime"
+    started = time.perf_counter()
+    with TimeLimit(seconds, "convlower.optimize of the seed filter") as optimizing:
+        try:
+            result = convlower.optimize(exported.model, inputs=exported.feeds, provider=ctx.provider_flag, cache=None)
+            optimized = optimized_run(ctx, result, exported.feeds, expected)
+        except Exception as exc:  # noqa: BLE001 - a failed optimize is a row of the table
+            rows[name] = {"how": how, "note": f"failed: {short(exc)}"}
+            return
+    if optimizing.expired:
+        rows[name] = {"how": how, "note": f"optimize ran out of its {optimizing.seconds:.0f} s"}
+        return
+    seed_row(rows, name, how, expected, optimized.outputs()[0])
+    rows[name].update(optimize_summary(result, time.perf_counter() - started))
+    timers[name] = wall_timer(optimized)
+
+
+def seed_compiled(module: Any, tensors: tuple["torch.Tensor", ...], expected: np.ndarray, rows: dict[str, dict[str, Any]],
+                  timers: dict[str, Timer], seconds: float) -> None:
+    """`torch.compile(method_1)` compiled within `seconds` (compile time recorded, not timed)."""
+    import torch
+
+    name, how = "torch.compile(method_1)", "torch.compile (inductor), compile time excluded"
+    started = time.perf_counter()
+    with TimeLimit(seconds, "torch.compile of method_1") as compiling:
+        try:
+            compiled = torch.compile(module)
+            output = compiled(*tensors).cpu().numpy()
+        except Exception as exc:  # noqa: BLE001 - a failure to compile is a row of the table
+            rows[name] = {"how": how, "note": f"compile failed: {short(exc)}"}
+            return
+    if compiling.expired:
+        rows[name] = {"how": how, "note": f"compile ran out of its {compiling.seconds:.0f} s"}
+        return
+    seed_row(rows, name, how, expected, output)
+    rows[name]["compile_s"] = time.perf_counter() - started
+    timers[name] = torch_timer(lambda: compiled(*tensors), tensors[0].device)
 
 
 def optimized_run(ctx: Context, result: "OptimizeResult", feeds: dict[str, np.ndarray], expected: np.ndarray) -> "BoundRun":
