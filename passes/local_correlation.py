@@ -30,7 +30,8 @@ Rewrites (K displacements, D = the band axis's displacements, W' = W + (D - 1)·
 
     shift_mul_reduce    LocalCorrelation → Mul? ∘ Reshape ∘ Pad ∘ (Slice ∘ Mul ∘ ReduceSum|ReduceMean)×K ∘ Concat
     stacked_mul_reduce  LocalCorrelation → Mul? ∘ Reshape ∘ Pad ∘ (Slice ∘ Unsqueeze)×K ∘ Concat ∘ Mul ∘ ReduceSum
-    banded_matmul       LocalCorrelation → Mul? ∘ Reshape ∘ Pad ∘ Transpose ∘ (Slice ∘ MatMul[W×W'] ∘ Reshape ∘ Pad ∘ Reshape ∘ Slice)×(K/D) ∘ Concat ∘ Transpose
+    banded_matmul       LocalCorrelation → Mul? ∘ Reshape ∘ Pad ∘ Transpose
+                                           ∘ (Slice ∘ MatMul[W×W'] ∘ Reshape ∘ Pad ∘ Reshape ∘ Slice)×(K/D) ∘ Concat ∘ Transpose
 
 Every lowering groups the channels (`[N, G, C/G, *S]`, a free Reshape) and pads B once, by the
 window's reach on each side (cropped where the window does not include 0), so that displacement
@@ -44,23 +45,33 @@ per displacement (`tap_windows`), already of A's spatial shape.
   it with A by one broadcast Mul and one ReduceSum. One Einsum in their place was measured on
   onnxruntime's CPU provider (1.31, 2 threads) and lost 2.4-8.5x at GwcNet-like stereo shapes and
   3.5x at a 5x5 local-attention window; it won 1.4x only at PWC-Net's 81 taps, where
-  `banded_matmul` is more than 10x faster than either. It does not apply where the stack would take more
-  than `STACK_LIMIT_BYTES`.
+  `banded_matmul` is more than 10x faster than either. It does not apply where the stack would
+  take more than `STACK_LIMIT_BYTES`.
 - `banded_matmul` is the GEMM form. Along the band axis (the last axis with more than one
   displacement) it computes all pairs, `A^T [W, C/G] @ B_padded [C/G, W']` per row, and gathers the
   diagonal band by the skew of relative-position attention: the `[W, W']` product flattened,
   padded by W, viewed as `[W, W' + 1]` shifts row p left by p, so that displacement o is column
   `o·step` of every row (one Gather of the band from the flattened product instead was measured
   1.3-2.6x slower). Displacements on the other axes (the vertical offsets of a 2-D flow window)
-  each take a slice of B and a MatMul of their own. It computes W'/D times the products
-  the band needs, in one GEMM instead of elementwise: it does not apply where that is more than
+  each take a slice of B and a MatMul of their own. It computes W'/D times the products the band
+  needs, in one GEMM instead of elementwise: it does not apply where that is more than
   `BAND_WASTE_LIMIT` times.
+
+Measured (benchmarks/bench_local_correlation.py, onnxruntime's CPU provider, 2 threads), against
+the function body: `banded_matmul` wins wherever each group has several channels (4x at a GwcNet
+volume of 8 groups, 12x at PWC-Net's 81 taps, 20x at FlowNetC's 441, 3.8x on a 3x3x3 video
+window); with one channel per group its MatMuls are outer products and `stacked_mul_reduce` wins;
+on a long 1-D sliding window only the shifts apply.
 
 A mean divides by C/G: `shift_mul_reduce` reduces with ReduceMean and multiplies A once by
 `scale`, the others multiply A once by `scale / (C/G)` before the products (A is smaller than Y
-wherever G·K > C). Every variant works at spatial ranks 1 to 3 and with
-symbolic batch, channel and spatial dims, what a Reshape target or a Pad needs of an unknown dim
-read off `Shape` at run time.
+wherever G·K > C). Every variant works at spatial ranks 1 to 3 and with symbolic batch, channel
+and spatial dims, what a Reshape target or a Pad needs of an unknown dim read off `Shape` at run
+time. The function body, which knows no dtype, casts a scale like A at run time (CastLike): a
+scale other than 1 needs opset 15 there.
+
+A recognizer that finds a correlation in an exported graph emits the canonical node with
+`emit_local_correlation(builder, a, b, Correlation(...))`, which also gives the graph the body.
 """
 
 from __future__ import annotations
