@@ -199,7 +199,7 @@ class Correlation:
     def overload(self) -> str:
         """A readable name of these attributes, used as the function overload: equal names, equal bodies."""
         window = "x".join(f"{f}..{l}s{s}" for f, l, s in zip(self.first, self.last, self.step))
-        scale = f"_scale{self.scale!r}" if self.scale != 1.0 else ""
+        scale = f"_scale{float(np.float32(self.scale)):.9g}" if self.scale != 1.0 else ""  # as the float attribute holds it
         return f"{window}_g{self.groups}_{self.reduction}{scale}"
 
 

@@ -282,6 +282,15 @@ def test_spec_resolves_defaults_and_keeps_symbolic_dims() -> None:
     assert {v.name: v.why_not(spec) for v in FAMILIES["localcorrelation"].variants} == {v: None for v in VARIANTS}
 
 
+def test_overload_names_are_those_of_the_attributes_as_onnx_stores_them() -> None:
+    """A scale is a float32 attribute: a node read back names the body the torch op's arguments name."""
+    correlation = Correlation((0, -3), (0, 3), (1, 2), 4, "sum", 16 ** -0.5 / 3)
+    node = onnx.helper.make_node("LocalCorrelation", ["a", "b"], ["y"], domain=DOMAIN, **correlation.attrs())
+    stored = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert stored["scale"] != correlation.scale
+    assert Correlation.from_attrs(stored).overload() == correlation.overload() == "0..0s1x-3..3s2_g4_sum_scale0.0833333358"
+
+
 @pytest.mark.parametrize(
     "shape, window, applies",
     [
