@@ -54,13 +54,13 @@ def window(*axes: tuple[int, int, int], groups: int = 1, reduction: str = "mean"
 NONE = (0, 0, 1)
 CASES = [
     Case("gwcnet_g40_d48", "GwcNet at 1/4 of 256x512: 320 channels, 40 groups, 48 disparities along W",
-         (1, 320, 64, 128), window(NONE, (-47, 0, 1), groups=40), (1, 40, 8, 32)),
+         (1, 320, 64, 128), window(NONE, (0, -47, -1), groups=40), (1, 40, 8, 32)),
     Case("gwcnet_g8_d48", "the same volume with 8 groups of 40 channels",
-         (1, 320, 64, 128), window(NONE, (-47, 0, 1), groups=8), (1, 16, 8, 32)),
+         (1, 320, 64, 128), window(NONE, (0, -47, -1), groups=8), (1, 16, 8, 32)),
     Case("gwcnet_small_g8_d24", "a stride-4 encoder's 40 channels at 32x64, 8 groups, 24 disparities",
-         (1, 40, 32, 64), window(NONE, (-23, 0, 1), groups=8), (1, 8, 8, 32)),
+         (1, 40, 32, 64), window(NONE, (0, -23, -1), groups=8), (1, 8, 8, 32)),
     Case("gwcnet_small_g40_d24", "the same with 40 groups of 1 channel",
-         (1, 40, 32, 64), window(NONE, (-23, 0, 1), groups=40), (1, 40, 4, 32)),
+         (1, 40, 32, 64), window(NONE, (0, -23, -1), groups=40), (1, 40, 4, 32)),
     Case("pwcnet_81", "PWC-Net: 64 channels at 32x64, -4..4 on both axes (81 taps), mean",
          (1, 64, 32, 64), window((-4, 4, 1), (-4, 4, 1)), (1, 8, 8, 16)),
     Case("flownetc_441", "FlowNetC: 256 channels at 48x64, -20..20 step 2 on both axes (441 taps), mean",

@@ -23,7 +23,7 @@ exporter: `dynamic_axes`); after a plain `torch.onnx.export`, call
 `convlower.ops.local_correlation`: the LocalCorrelation op (cost volumes, local attention scores),
 exported the same way as one `convlower.LocalCorrelation` node:
 
-    cost = local_correlation(left, right, [0, (-47, 0)], groups=40)          # GwcNet: 48 disparities along W
+    cost = local_correlation(left, right, [0, (0, -47, -1)], groups=40)      # GwcNet: disparities 0..47 along W
     flow = local_correlation(f1, f2, 4)                                       # PWC-Net: -4..4 on both axes, 81 taps
     flow = local_correlation(f1, f2, [(-20, 20, 2)] * 2)                      # FlowNetC: -20..20 step 2 on both axes
     attn = local_correlation(q, k, 2, groups=heads, reduction="sum", scale=d ** -0.5)   # 5x5 local attention
@@ -206,7 +206,8 @@ torch.onnx.register_custom_op_symbolic(TORCH_OP, _onnx_symbolic, 1)
 CORRELATION_TORCH_OP = "convlower::local_correlation"
 Displacements = int | Sequence[int | Sequence[int]]
 """d: -d..d step 1 on every spatial axis; or one entry per spatial axis: d (-d..d), (first, last)
-(step 1) or (first, last, step), the last displacement included."""
+(step 1) or (first, last, step), the last displacement included; a negative step runs them in
+descending order (GwcNet's disparity axis: `(0, -47, -1)`)."""
 
 
 def correlation_window(
@@ -237,11 +238,12 @@ def correlation_reference(a: Tensor, b: Tensor, correlation: Correlation) -> Ten
     """LocalCorrelation in plain torch ops: pad b once by the window's reach, then per displacement
     its shifted view times a, reduced over each group's channels; stacked on axis 2, times scale."""
     rank = correlation.rank
-    before = [max(0, -f) for f in correlation.first]
-    after = [max(0, last) for last in correlation.last]
+    before = [max(0, -low) for low in correlation.lowest]
+    after = [max(0, high) for high in correlation.highest]
     padded = F.pad(b, [p for axis in reversed(range(rank)) for p in (before[axis], after[axis])])
     spatial = a.shape[2:]
-    offsets = itertools.product(*(range(f, l + 1, s) for f, l, s in zip(correlation.first, correlation.last, correlation.step)))
+    axes = zip(correlation.first, correlation.last, correlation.step)
+    offsets = itertools.product(*(range(first, last + (1 if step > 0 else -1), step) for first, last, step in axes))
     planes = []
     for delta in offsets:
         view = padded[(slice(None), slice(None), *(slice(p + d, p + d + n) for p, d, n in zip(before, delta, spatial)))]
@@ -294,7 +296,8 @@ def local_correlation(
 
     a, b: `[N, C, *S]` (1 to 3 spatial axes), C a multiple of `groups`. displacements: an int d
     for -d..d step 1 on every axis, or one entry per spatial axis: d, (first, last) or (first,
-    last, step), last included (no displacement on an axis: 0 or (0, 0)). reduction: "mean" or
+    last, step), last included, a negative step counting down (no displacement on an axis: 0 or
+    (0, 0)). reduction: "mean" or
     "sum" over each group's C/G channels; scale: a constant factor on the result. Returns
     `[N, G, K, *S]`, K the displacements in row-major order (first axis slowest), zero where
     `p + δ` falls outside b.

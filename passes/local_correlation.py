@@ -17,16 +17,18 @@ The node's attributes (DESIGN.md, "Canonical dynamic-filter op"):
     displacement_first  ints, one per spatial axis: the first displacement (may be negative)
     displacement_last   ints, one per spatial axis: the last one, included; last - first must be
                         a multiple of the step (an axis with no displacement: first = last = 0)
-    displacement_step   ints, one per spatial axis, >= 1; default all 1
+    displacement_step   ints, one per spatial axis, not 0; default all 1. Displacement o on an
+                        axis is first + o·step: a negative step runs them in descending order
     groups              int G, C % G == 0; default 1
     reduction           string "mean" or "sum" over each group's channels; default "mean"
     scale               float, a constant factor on every output; default 1.0
 
-so a GwcNet cost volume of 48 disparities over 40 groups is `displacement_first=[0, -47],
-displacement_last=[0, 0], groups=40`, and FlowNetC's 21x21 window of stride 2 is
-`displacement_first=[-20, -20], displacement_last=[20, 20], displacement_step=[2, 2]`.
+so a GwcNet cost volume of 48 disparities over 40 groups, whose disparity d (the left image
+against the right one d pixels to the left) is `Y[:, :, d]`, is `displacement_first=[0, 0],
+displacement_last=[0, -47], displacement_step=[1, -1], groups=40`, and FlowNetC's 21x21 window
+of stride 2 is `displacement_first=[-20, -20], displacement_last=[20, 20], displacement_step=[2, 2]`.
 
-Rewrites (K displacements, D = the band axis's displacements, W' = W + (D - 1)·step):
+Rewrites (K displacements, D = the band axis's displacements, W' = W + (D - 1)·|step|):
 
     shift_mul_reduce    LocalCorrelation → Mul? ∘ Reshape ∘ Pad ∘ (Slice ∘ Mul ∘ ReduceSum|ReduceMean)×K ∘ Concat
     stacked_mul_reduce  LocalCorrelation → Mul? ∘ Reshape ∘ Pad ∘ (Slice ∘ Unsqueeze)×K ∘ Concat ∘ Mul ∘ ReduceSum
@@ -35,8 +37,9 @@ Rewrites (K displacements, D = the band axis's displacements, W' = W + (D - 1)·
 
 Every lowering groups the channels (`[N, G, C/G, *S]`, a free Reshape) and pads B once, by the
 window's reach on each side (cropped where the window does not include 0), so that displacement
-`first + o·step` reads the padded B at offset `o·step`: the tap windows of a kernel with one tap
-per displacement (`tap_windows`), already of A's spatial shape.
+δ reads the padded B at offset δ - min(first, last): the tap windows of a kernel with one tap per
+displacement (`tap_windows`), already of A's spatial shape, taken in descending order along an
+axis of negative step.
 
 - `shift_mul_reduce` multiplies A by each shifted B and reduces the group's channels, one
   displacement at a time; its outputs are concatenated on the K axis. It is also the body of the
@@ -50,8 +53,8 @@ per displacement (`tap_windows`), already of A's spatial shape.
 - `banded_matmul` is the GEMM form. Along the band axis (the last axis with more than one
   displacement) it computes all pairs, `A^T [W, C/G] @ B_padded [C/G, W']` per row, and gathers the
   diagonal band by the skew of relative-position attention: the `[W, W']` product flattened,
-  padded by W, viewed as `[W, W' + 1]` shifts row p left by p, so that displacement o is column
-  `o·step` of every row (one Gather of the band from the flattened product instead was measured
+  padded by W, viewed as `[W, W' + 1]` shifts row p left by p, so that displacement δ is column
+  δ - min(first, last) of every row (one Gather of the band from the flattened product instead was measured
   1.3-2.6x slower). Displacements on the other axes (the vertical offsets of a 2-D flow window)
   each take a slice of B and a MatMul of their own. It computes W'/D times the products the band
   needs, in one GEMM instead of elementwise: it does not apply where that is more than
@@ -152,13 +155,13 @@ class Correlation:
                 f"displacement_first has {rank} axes but displacement_last, displacement_step have "
                 f"{len(self.last)}, {len(self.step)} values"
             )
-        if min(self.step) < 1:
-            raise ValueError(f"displacement_step {list(self.step)} must be positive")
+        if 0 in self.step:
+            raise ValueError(f"displacement_step {list(self.step)} has a 0")
         for axis, (first, last, step) in enumerate(zip(self.first, self.last, self.step)):
-            if last < first or (last - first) % step:
+            if (last - first) % step or (last - first) // step < 0:
                 raise ValueError(
                     f"axis {axis}: displacements {first}..{last} step {step} do not end on the last one "
-                    "(last must be first plus a multiple of the step)"
+                    "(last must be first plus a non-negative multiple of the step)"
                 )
         if self.groups < 1:
             raise ValueError(f"groups={self.groups} must be positive")
@@ -182,9 +185,18 @@ class Correlation:
         return math.prod(self.counts)
 
     @property
+    def lowest(self) -> tuple[int, ...]:
+        """Per axis, the least displacement: first, or last where the step is negative."""
+        return tuple(min(first, last) for first, last in zip(self.first, self.last))
+
+    @property
+    def highest(self) -> tuple[int, ...]:
+        return tuple(max(first, last) for first, last in zip(self.first, self.last))
+
+    @property
     def reaches(self) -> tuple[int, ...]:
-        """Per axis, how far the displacements spread: (count - 1)·step, what padding adds to B."""
-        return tuple((count - 1) * step for count, step in zip(self.counts, self.step))
+        """Per axis, how far the displacements spread: (count - 1)·|step|, what padding adds to B."""
+        return tuple(high - low for low, high in zip(self.lowest, self.highest))
 
     def attrs(self) -> dict[str, Any]:
         return {
@@ -289,15 +301,14 @@ def _grouped(b: Builder, spec: LocalCorrelationSpec, x: gs.Tensor) -> gs.Tensor:
 
 def displaced(b: Builder, x: gs.Tensor, correlation: Correlation, first_axis: int) -> gs.Tensor:
     """B zero-padded and cropped on its spatial axes (from `first_axis` on) so that index i reads
-    position i + first: extent S + (count - 1)·step, and displacement `first + o·step` is offset
-    `o·step`. Pads by the window's reach beyond B on each side; crops where the window does not
-    include 0 (first > 0 or last < 0)."""
+    position i + lowest: extent S + reach, and displacement δ is offset δ - lowest. Pads by the
+    window's reach beyond B on each side; crops where the window does not include 0."""
     r, lead = correlation.rank, [0] * first_axis
-    before = [max(0, -f) for f in correlation.first]
-    after = [max(0, last) for last in correlation.last]
+    before = [max(0, -low) for low in correlation.lowest]
+    after = [max(0, high) for high in correlation.highest]
     padded = b.pad(x, lead + before + lead + after)
-    crop_start = [max(0, f) for f in correlation.first]
-    crop_end = [max(0, -last) for last in correlation.last]
+    crop_start = [max(0, low) for low in correlation.lowest]
+    crop_end = [max(0, -high) for high in correlation.highest]
     axes = [i for i in range(r) if crop_start[i] or crop_end[i]]
     if not axes:
         return padded
@@ -308,9 +319,21 @@ def displaced(b: Builder, x: gs.Tensor, correlation: Correlation, first_axis: in
 
 def shifted(b: Builder, displaced_b: gs.Tensor, correlation: Correlation, first_axis: int) -> list[gs.Tensor]:
     """B at `p + δ_k` for every position p of A, one tensor per displacement in row-major order:
-    the tap windows of a kernel with one tap per displacement, spaced `step` apart."""
-    rank = correlation.rank
-    return tap_windows(b, displaced_b, correlation.counts, (1,) * rank, correlation.step, first_axis)
+    the tap windows of a kernel with one tap per displacement, spaced |step| apart."""
+    return displacement_order(
+        tap_windows(b, displaced_b, correlation.counts, (1,) * correlation.rank, [abs(s) for s in correlation.step], first_axis),
+        correlation.counts, correlation.step,
+    )
+
+
+def displacement_order(windows: list[gs.Tensor], counts: Sequence[int], steps: Sequence[int]) -> list[gs.Tensor]:
+    """Tap windows (offsets ascending on every axis, row-major) in the order of the displacements:
+    descending along the axes of negative step."""
+    descending = tuple(axis for axis, step in enumerate(steps) if step < 0)
+    if not descending:
+        return windows
+    order = np.flip(np.arange(len(windows)).reshape(tuple(counts)), axis=descending).ravel()
+    return [windows[i] for i in order]
 
 
 def _typed_scalar(b: Builder, value: float, like: gs.Tensor, dtype: str | None) -> gs.Tensor:
@@ -388,21 +411,22 @@ def build_banded_matmul(
     b_cols = b.transpose(
         displaced(b, _grouped(b, spec, b_in), corr, first_axis=3), [0, 1, *(3 + i for i in others), 2, 3 + band]
     )
-    other_counts = [corr.counts[i] for i in others]
-    blocks = tap_windows(b, b_cols, other_counts, [1] * len(others), [corr.step[i] for i in others], first_axis=2)
+    other_counts, other_steps = [corr.counts[i] for i in others], [corr.step[i] for i in others]
+    blocks = tap_windows(b, b_cols, other_counts, [1] * len(others), [abs(s) for s in other_steps], first_axis=2)
     extent: int | gs.Tensor = spec.spatial[band] if spec.spatial[band] is not None else b.shape(a, 2 + band, 3 + band)
-    bands = [_band(b, b.matmul(a_rows, block), extent, corr.counts[band], corr.step[band], leading=2 + len(others))
-             for block in blocks]
+    bands = [_band(b, b.matmul(a_rows, block), extent, corr.reaches[band], corr.step[band], leading=2 + len(others))
+             for block in displacement_order(blocks, other_counts, other_steps)]
     # [N, G, *S_others, W, K] back to [N, G, K, *S]
     position = {axis: 2 + j for j, axis in enumerate(others)} | {band: 2 + len(others)}
     b.transpose(b.concat(bands, axis=-1), [0, 1, 2 + r, *(position[axis] for axis in range(r))], out=outputs[0])
 
 
-def _band(b: Builder, pairs: gs.Tensor, extent: int | gs.Tensor, count: int, step: int, leading: int) -> gs.Tensor:
+def _band(b: Builder, pairs: gs.Tensor, extent: int | gs.Tensor, reach: int, step: int, leading: int) -> gs.Tensor:
     """From all pairs `[..., W, W']` (row p: A at p against padded B at every column), the band
-    `[..., W, D]`: column `p + o·step` of row p for o < D. Flattening the rows, padding W zeros
-    at the end and viewing the result as rows of W' + 1 shifts row p left by p (the skew of
-    relative-position attention), so the band is columns `0, step, ..` of every row."""
+    `[..., W, D]`: columns p to p + reach of row p, every |step|-th, in the step's direction.
+    Flattening the rows, padding W zeros at the end and viewing the result as rows of W' + 1
+    shifts row p left by p (the skew of relative-position attention), so the band is columns
+    `0, |step|, .. reach` of every row (from `reach` down to 0 for a negative step)."""
     flat = b.reshape(pairs, [0] * leading + [-1])
     pads: gs.Tensor
     if isinstance(extent, int):
@@ -411,7 +435,9 @@ def _band(b: Builder, pairs: gs.Tensor, extent: int | gs.Tensor, count: int, ste
         pads = b.concat([b.ints([0] * (2 * leading + 1)), extent], axis=0)
     skewed = b.op("Pad", [flat, pads], {"mode": "constant"})
     rows = b.reshape(skewed, shape_vector(b, [0] * leading + [extent, -1]))
-    return b.slice(rows, [0], [(count - 1) * step + 1], [leading + 1], [step])
+    if step > 0:
+        return b.slice(rows, [0], [reach + 1], [leading + 1], [step])
+    return b.slice(rows, [reach], [-SLICE_TO_END], [leading + 1], [step])
 
 
 def _any_shape(spec: LocalCorrelationSpec) -> str | None:

@@ -90,8 +90,10 @@ class Correlation(Protocol):
 
 
 def displacements(correlation: Correlation) -> list[tuple[int, ...]]:
-    """Every displacement δ, row-major (first axis slowest): first, first + step, .., last on each axis."""
-    return list(itertools.product(*(range(f, l + 1, s) for f, l, s in zip(correlation.first, correlation.last, correlation.step))))
+    """Every displacement δ, row-major (first axis slowest): first, first + step, .., last on each
+    axis (descending where the step is negative)."""
+    axes = zip(correlation.first, correlation.last, correlation.step)
+    return list(itertools.product(*(range(f, l + (1 if s > 0 else -1), s) for f, l, s in axes)))
 
 
 def local_correlation(a: np.ndarray, b: np.ndarray, correlation: Correlation) -> np.ndarray:

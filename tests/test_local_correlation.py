@@ -49,8 +49,9 @@ MAX_EXTENT = {1: 9, 2: 6, 3: 4}
 @st.composite
 def axis_windows(draw: st.DrawFn, max_steps: int = 3) -> tuple[int, int, int]:
     """(first, last, step) of one axis: none (0..0), one-sided (0..d), negative (-d..0), symmetric
-    (-d..d), or a window away from 0 (a single displacement among them); steps 1 or 2."""
-    kind = draw(st.sampled_from(["none", "one-sided", "negative", "symmetric", "away"]))
+    (-d..d), descending (0..-d step -1, GwcNet's disparities, or d..-d), or a window away from 0
+    (a single displacement among them); steps 1 or 2."""
+    kind = draw(st.sampled_from(["none", "one-sided", "negative", "symmetric", "descending", "away"]))
     step = draw(st.sampled_from([1, 2]))
     reach = draw(st.integers(1, max_steps)) * step
     if kind == "none":
@@ -61,6 +62,8 @@ def axis_windows(draw: st.DrawFn, max_steps: int = 3) -> tuple[int, int, int]:
         return -reach, 0, step
     if kind == "symmetric":
         return -reach, reach, step
+    if kind == "descending":
+        return draw(st.sampled_from([0, reach])), -reach, -step
     first = draw(st.integers(-5, 5))
     return first, first + draw(st.integers(0, max_steps - 1)) * step, step
 
@@ -134,6 +137,8 @@ def test_displacements_are_row_major_first_axis_slowest() -> None:
     correlation = Correlation((-1, 0), (1, 4), (1, 2), 1, "sum", 1.0)
     assert displacements(correlation)[:4] == [(-1, 0), (-1, 2), (-1, 4), (0, 0)]
     assert correlation.counts == (3, 3) and correlation.taps == 9
+    descending = Correlation((0, 2), (0, -4), (1, -3), 1, "sum", 1.0)
+    assert displacements(descending) == [(0, 2), (0, -1), (0, -4)] and descending.reaches == (0, 6)
 
 
 # --- every variant and the function body, ranks 1 to 3 ---------------------------------------------------
@@ -182,7 +187,7 @@ def test_float16_on_onnxruntime_and_onnx_reference(correlation: Correlation) -> 
 
 SYMBOLIC_CASES = {
     1: Correlation((-4,), (2,), (2,), 2, "mean", 1.0),
-    2: Correlation((-1, -3), (1, 0), (1, 1), 2, "sum", 0.5),
+    2: Correlation((1, 0), (-1, -3), (-1, -1), 2, "sum", 0.5),  # descending on both axes
     3: Correlation((0, -1, 1), (0, 1, 3), (1, 1, 2), 2, "mean", -1.0),
 }
 SIZES = {1: [(2, 11), (1, 6)], 2: [(2, 5, 9), (3, 7, 4)], 3: [(2, 3, 5, 4), (1, 4, 3, 6)]}
@@ -328,7 +333,8 @@ def test_stacked_mul_reduce_does_not_apply_where_its_stack_would_pass_a_gibibyte
     [
         ({"displacement_last": [0, 1]}, None, "displacement_first is required"),
         ({"displacement_first": [0, 0], "displacement_last": [0, 3], "displacement_step": [1, 2]}, None, "do not end on the last one"),
-        ({"displacement_first": [0, 0], "displacement_last": [0, 1], "displacement_step": [1, 0]}, None, "must be positive"),
+        ({"displacement_first": [0, 0], "displacement_last": [0, 1], "displacement_step": [1, 0]}, None, "has a 0"),
+        ({"displacement_first": [0, 0], "displacement_last": [0, -2], "displacement_step": [1, 1]}, None, "non-negative multiple"),
         ({"displacement_first": [0, 0], "displacement_last": [0, 1], "groups": 3}, None, "C=4 is not a multiple of groups=3"),
         ({"displacement_first": [0, 0], "displacement_last": [0, 1], "reduction": "max"}, None, "reduction 'max' is not one of"),
         ({"displacement_first": [0], "displacement_last": [1]}, None, "A must have rank 3 for a 1-D displacement window"),
@@ -382,6 +388,7 @@ def test_torch_reference_matches_the_oracle(rank: int, data: st.DataObject, dtyp
     [
         (2, 4, ((-4, -4), (4, 4), (1, 1))),
         (2, [0, (-47, 0)], ((0, -47), (0, 0), (1, 1))),
+        (2, [0, (0, -47, -1)], ((0, 0), (0, -47), (1, -1))),
         (2, [(-20, 20, 2)] * 2, ((-20, -20), (20, 20), (2, 2))),
         (1, [(1, 5, 2)], ((1,), (5,), (2,))),
         (3, [1, 0, 2], ((-1, 0, -2), (1, 0, 2), (1, 1, 1))),
@@ -426,10 +433,11 @@ def test_op_gradients_match_finite_differences() -> None:
 
 class CostVolumes(torch.nn.Module):
     """Two correlations of different attributes (two function overloads): a GwcNet-like stereo
-    volume (one-sided along W, groups) and a flow window (both axes, step 2, a scaled sum)."""
+    volume (disparities 0..5 along W, descending displacements, groups) and a flow window (both
+    axes, step 2, a scaled sum)."""
 
     correlations = (
-        Correlation((0, -5), (0, 0), (1, 1), 2, "mean", 1.0),
+        Correlation((0, 0), (0, -5), (1, -1), 2, "mean", 1.0),
         Correlation((-2, -2), (2, 2), (2, 2), 1, "sum", 0.25),
     )
 
@@ -438,7 +446,7 @@ class CostVolumes(torch.nn.Module):
         return [local_correlation(left, right, correlation) for correlation in cls.correlations]
 
     def forward(self, left, right):
-        return ops.local_correlation(left, right, [0, (-5, 0)], groups=2), ops.local_correlation(
+        return ops.local_correlation(left, right, [0, (0, -5, -1)], groups=2), ops.local_correlation(
             left, right, [(-2, 2, 2)] * 2, reduction="sum", scale=0.25
         )
 
