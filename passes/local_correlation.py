@@ -491,12 +491,15 @@ def emit_local_correlation(
     b: Builder, a: gs.Tensor, b_tensor: gs.Tensor, correlation: Correlation, out: gs.Variable | None = None
 ) -> gs.Variable:
     """One `convlower.LocalCorrelation` node computing `correlation` of A and B into `out` (or a
-    new tensor), with the function body the graph needs to run it: what a recognizer calls. The
-    model exported from the graph needs `attach_functions` to set overloads when its
-    LocalCorrelation nodes have several attribute sets."""
+    new tensor typed like A, `[N, G, K, *S]`), with the function body the graph needs to run it:
+    what a recognizer calls. The model exported from the graph needs `attach_functions` to set
+    overloads when its LocalCorrelation nodes have several attribute sets."""
     correlation.validate()
     attrs = correlation.attrs()
     y = b.op(OP_TYPE, [a, b_tensor], attrs, domain=DOMAIN, out=out)
+    if out is None:
+        y.dtype = a.dtype
+        y.shape = None if a.shape is None else [a.shape[0], correlation.groups, correlation.taps, *a.shape[2:]]
     add_function(b.graph, OP_TYPE, attrs, b.opset)
     return y
 
