@@ -70,11 +70,18 @@ class CorrelationVolume(nn.Module):
 class PaddedShiftLoop(nn.Module):
     """Pure-torch flow correlation: pad the second map once by `max_displacement`, then for every
     displacement (`step` apart; FlowNetC uses 2) the shifted slice times the first map, reduced over
-    channels (`mean`, or `sum`), joined on the channel axis by `cat` (or `stack`). `rank` 1 or 2."""
+    channels (`mean`, or `sum`), joined on the channel axis by `cat` (or `stack`). `rank` 1 or 2.
 
-    def __init__(self, max_displacement: int = 4, step: int = 1, reduction: str = "mean", join: str = "cat", rank: int = 2) -> None:
+    With `groups` G > 1 each product is viewed as `[B, G, C//G, *S]` and reduced over axis 2 (group-wise
+    correlation), then joined by `cat` on axis 1 (`[B, K·G, *S]`, displacement-major) or `stack` on
+    axis 2 (`[B, G, K, *S]`, GwcNet's layout)."""
+
+    def __init__(
+        self, max_displacement: int = 4, step: int = 1, reduction: str = "mean", join: str = "cat", rank: int = 2, groups: int = 1
+    ) -> None:
         super().__init__()
         self.max_displacement, self.step, self.reduction, self.join, self.rank = max_displacement, step, reduction, join, rank
+        self.groups = groups
 
     def forward(self, f1: Tensor, f2: Tensor) -> Tensor:
         d = self.max_displacement
@@ -86,9 +93,16 @@ class PaddedShiftLoop(nn.Module):
         for window in windows:
             shifted = padded[(slice(None), slice(None)) + tuple(slice(o, o + n) for o, n in zip(window, spatial))]
             product = f1 * shifted
-            cost = product.mean(1, keepdim=self.join == "cat") if self.reduction == "mean" else product.sum(1, keepdim=self.join == "cat")
+            if self.groups > 1:
+                product = product.view(f1.shape[0], self.groups, f1.shape[1] // self.groups, *spatial)
+                cost = product.mean(2) if self.reduction == "mean" else product.sum(2)
+            else:
+                keepdim = self.join == "cat"
+                cost = product.mean(1, keepdim=keepdim) if self.reduction == "mean" else product.sum(1, keepdim=keepdim)
             costs.append(cost)
-        return torch.cat(costs, 1) if self.join == "cat" else torch.stack(costs, 1)
+        if self.join == "cat":
+            return torch.cat(costs, 1)
+        return torch.stack(costs, 2 if self.groups > 1 else 1)
 
 
 class UnfoldCorrelation(nn.Module):
