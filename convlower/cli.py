@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--onnxruntime", metavar="VERSION", help="e.g. 1.22.0")
     a.add_argument("--all", action="store_true", help="delete every entry")
 
-    p = sub.add_parser("demo", help="export, optimize and check a bundled dynamic-filter model")
-    p.add_argument("--model", default="involution", help="kpn_denoiser, involution, carafe or seed_filter (default involution)")
+    p = sub.add_parser("demo", help="export, optimize and check a bundled dynamic-filter or cost-volume model")
+    p.add_argument("--model", default="involution",
+                   help="kpn_denoiser, involution, carafe, seed_filter, stereo or flow (default involution)")
     p.add_argument("--report", metavar="REPORT.json", help="write the optimize report, with the error against torch, as JSON")
     _add_provider(p)
     return parser

@@ -1,7 +1,7 @@
-"""`convlower demo`: convlower's main job on a bundled dynamic-filter model, with nothing but the install.
+"""`convlower demo`: convlower's main job on a bundled model, with nothing but the install.
 
-Exports a zoo model whose dynamic filters are written the plain-torch way (unfold, multiply,
-sum), optimizes it (tuning from scratch, so the progress bar shows real work), prints the
+Exports a zoo model whose dynamic filters (or cost volume) are written the plain-torch way (unfold,
+multiply, sum; a volume filled by slice assignment), optimizes it (tuning from scratch, so the progress bar shows real work), prints the
 per-node table and the end-to-end speedup, and checks the optimized model against torch eager.
 With `report`, the optimize report goes there as JSON, with a `demo` entry: the model, its input
 shapes, and the optimized model's max abs error against torch eager, for scripts and tests to read
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from convlower.models import DYNAMIC_FILTER, FAMILIES, ZOO
+from convlower.models import CORRELATION, DYNAMIC_FILTER, FAMILIES, ZOO
 
 from . import console
 from .errors import UsageError
@@ -33,10 +33,11 @@ TORCH_ATOL = 1e-3
 
 
 def run_demo(model: str = DEFAULT_MODEL, provider: str = "auto", report: Path | None = None) -> int:
-    """Export, optimize and check one dynamic-filter zoo model at its realistic size; 0 when it
-    verified and agrees with torch eager, else 1."""
-    if model not in DYNAMIC_FILTER:
-        raise UsageError(f"demo model {model!r} is not a dynamic-filter zoo model", f"choose one of {', '.join(DYNAMIC_FILTER)}")
+    """Export, optimize and check one dynamic-filter or cost-volume zoo model at its realistic size;
+    0 when it verified and agrees with torch eager, else 1."""
+    if model not in DYNAMIC_FILTER + CORRELATION:
+        raise UsageError(f"demo model {model!r} is not a dynamic-filter or cost-volume zoo model",
+                         f"choose one of {', '.join(DYNAMIC_FILTER + CORRELATION)}")
     try:
         import torch
     except ImportError as exc:

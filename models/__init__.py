@@ -5,10 +5,11 @@ in eval mode, deterministically initialised, and example inputs; size "small" gi
 for tests, "realistic" the shapes benchmarks use. Families with dynamic filters (spatially variant
 filters predicted from the input, applied through `F.unfold`, what convlower's `DynamicFilter`
 recognizer and lowerings are for): `kpn_denoiser`, `involution`, `carafe`, `seed_filter`
-(`DYNAMIC_FILTER`).
+(`DYNAMIC_FILTER`). Families with cost volumes (a `LocalCorrelation` written the stereo and flow
+repositories' way): `stereo`, `flow` (`CORRELATION`).
 The others hold static Conv / ConvTranspose of varied kinds. `builders` holds ONNX models built
-without torch; `idioms` holds single dynamic-filter layers written the ways papers' code writes
-them (recognition tests and benchmarks use them).
+without torch; `idioms` and `correlation_idioms` hold single dynamic-filter and correlation layers written the
+ways papers' code writes them (recognition tests and benchmarks use them).
 
 torch is an optional extra of convlower, so importing this package does not import it: `ZOO`'s
 factories and `load(name)` import a family's module (and torch) only when called.
@@ -34,8 +35,12 @@ FAMILIES: dict[str, str] = {
     "unet": "UNet with ConvTranspose2d (k2, s2) upsampling and skip concatenation",
     "carafe": "CARAFE 2x upsampler: per-position softmax reassembly kernels, unfold + einsum + pixel shuffle",
     "seed_filter": "seed 000's method_1 as written: unfold + einsum with given per-pixel filters (N=2048, 32x32, K=3)",
+    "stereo": "stereo matching net: shared encoder, GwcNet's group-wise cost volume filled by slice assignment, soft-argmin",
+    "flow": "optical-flow net: shared encoder, a 9x9 local correlation written with F.unfold, a conv head",
 }
 DYNAMIC_FILTER: tuple[str, ...] = ("kpn_denoiser", "involution", "carafe", "seed_filter")
+CORRELATION: tuple[str, ...] = ("stereo", "flow")
+"""Families whose cost volume or correlation is a `convlower.LocalCorrelation` written as papers' code writes it."""
 
 
 def load(name: str) -> Factory:

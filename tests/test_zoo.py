@@ -23,7 +23,7 @@ from onnx import helper
 
 import convlower.models
 import convlower
-from convlower.models import DYNAMIC_FILTER, FAMILIES, ZOO, load
+from convlower.models import CORRELATION, DYNAMIC_FILTER, FAMILIES, ZOO, load
 from convlower.passes.local_functions import DOMAIN
 from convlower.tune import ORIGINAL
 from tests.helpers import op_types, run
@@ -43,6 +43,8 @@ EXPECTED_OPS = {
     "unet": {"Conv", "MaxPool", "ConvTranspose", "Concat"},
     "carafe": {"Conv", "Softmax", "Einsum", "DepthToSpace"} | UNFOLD,
     "seed_filter": {"Einsum"} | UNFOLD,
+    "stereo": {"Conv", "Mul", "Softmax"},
+    "flow": {"Conv", "Gather", "ReduceSum"},
 }
 # A node each family must hold: (op type, attributes it has).
 EXPECTED_NODE: dict[str, tuple[str, dict[str, Any]]] = {
@@ -139,9 +141,9 @@ def test_import_does_not_import_torch() -> None:
 
 
 def test_registry_lists_every_family_module() -> None:
-    modules = {p.stem for p in Path(convlower.models.__file__).parent.glob("*.py")} - {"__init__", "builders", "common", "idioms"}
+    modules = {p.stem for p in Path(convlower.models.__file__).parent.glob("*.py")} - {"__init__", "builders", "common", "idioms", "correlation_idioms"}
     assert set(FAMILIES) == set(ZOO) == modules
-    assert set(DYNAMIC_FILTER) <= set(FAMILIES)
+    assert set(DYNAMIC_FILTER) | set(CORRELATION) <= set(FAMILIES)
     with pytest.raises(KeyError, match="unknown model family"):
         load("vgg")
     with pytest.raises(ValueError, match="unknown size"):
