@@ -140,11 +140,13 @@ class UnfoldStereo(nn.Module):
 class LocalAttention(nn.Module):
     """Stand-alone self-attention over a `window` x `window` neighbourhood, per head: keys and values
     unfolded with `Tensor.unfold`, q·k summed over the head's channels, softmax over the window, the
-    weighted sum of the unfolded values."""
+    weighted sum of the unfolded values. `keepdim=False` sums q·k to `[B, heads, H, W, K]` (and
+    unsqueezes it before weighting the values); `einsum=True` writes both products as einsums
+    (`'bhcxy,bhcxyk->bhxyk'`, `'bhxyk,bhcxyk->bhcxy'`), as other repositories do."""
 
-    def __init__(self, channels: int = 16, heads: int = 4, window: int = 5) -> None:
+    def __init__(self, channels: int = 16, heads: int = 4, window: int = 5, keepdim: bool = True, einsum: bool = False) -> None:
         super().__init__()
-        self.heads, self.window = heads, window
+        self.heads, self.window, self.keepdim, self.einsum = heads, window, keepdim, einsum
         self.qkv = nn.Conv2d(channels, 3 * channels, 1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -155,8 +157,14 @@ class LocalAttention(nn.Module):
         v = F.pad(v, [pad] * 4).unfold(2, self.window, 1).unfold(3, self.window, 1)
         k = k.reshape(b, self.heads, c // self.heads, h, w, self.window * self.window)
         v = v.reshape(b, self.heads, c // self.heads, h, w, self.window * self.window)
+        if self.einsum:
+            q = q.reshape(b, self.heads, c // self.heads, h, w)
+            attention = torch.einsum("bhcxy,bhcxyk->bhxyk", q, k).softmax(dim=-1)
+            return torch.einsum("bhxyk,bhcxyk->bhcxy", attention, v).reshape(b, c, h, w)
         q = q.reshape(b, self.heads, c // self.heads, h, w, 1)
-        attention = (q * k).sum(2, keepdim=True).softmax(dim=-1)
+        attention = (q * k).sum(2, keepdim=self.keepdim).softmax(dim=-1)
+        if not self.keepdim:
+            attention = attention.unsqueeze(2)
         return (attention * v).sum(-1).reshape(b, c, h, w)
 
 
