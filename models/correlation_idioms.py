@@ -24,46 +24,52 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def groupwise_correlation(fea1: Tensor, fea2: Tensor, num_groups: int) -> Tensor:
-    """GwcNet's `groupwise_correlation`, verbatim in substance."""
+def groupwise_correlation(fea1: Tensor, fea2: Tensor, num_groups: int, reduction: str = "mean") -> Tensor:
+    """GwcNet's `groupwise_correlation`, verbatim in substance (`reduction` "sum" sums each group's channels instead)."""
     b, c, h, w = fea1.shape
     channels_per_group = c // num_groups
-    return (fea1 * fea2).view([b, num_groups, channels_per_group, h, w]).mean(dim=2)
+    grouped = (fea1 * fea2).view([b, num_groups, channels_per_group, h, w])
+    return grouped.mean(dim=2) if reduction == "mean" else grouped.sum(dim=2)
 
 
 class GroupwiseVolume(nn.Module):
-    """GwcNet's `build_gwc_volume`: a zero `[B, G, D, H, W]` volume filled one disparity at a time."""
+    """GwcNet's `build_gwc_volume`: a zero `[B, G, D, H, W]` volume filled one disparity at a time
+    (`reduction` "mean", GwcNet's, or "sum" over each group's channels)."""
 
-    def __init__(self, max_disparity: int = 24, groups: int = 8) -> None:
+    def __init__(self, max_disparity: int = 24, groups: int = 8, reduction: str = "mean") -> None:
         super().__init__()
-        self.max_disparity, self.groups = max_disparity, groups
+        self.max_disparity, self.groups, self.reduction = max_disparity, groups, reduction
 
     def forward(self, left: Tensor, right: Tensor) -> Tensor:
         b, c, h, w = left.shape
         volume = left.new_zeros([b, self.groups, self.max_disparity, h, w])
         for i in range(self.max_disparity):
             if i > 0:
-                volume[:, :, i, :, i:] = groupwise_correlation(left[:, :, :, i:], right[:, :, :, :-i], self.groups)
+                volume[:, :, i, :, i:] = groupwise_correlation(left[:, :, :, i:], right[:, :, :, :-i], self.groups, self.reduction)
             else:
-                volume[:, :, i, :, :] = groupwise_correlation(left, right, self.groups)
+                volume[:, :, i, :, :] = groupwise_correlation(left, right, self.groups, self.reduction)
         return volume.contiguous()
 
 
 class CorrelationVolume(nn.Module):
-    """The one-group volume `[B, D, H, W]` (`build_corr_volume`): mean over all channels per disparity."""
+    """The one-group volume `[B, D, H, W]` (`build_corr_volume`): mean (or, `reduction` "sum", the sum)
+    over all channels per disparity."""
 
-    def __init__(self, max_disparity: int = 24) -> None:
+    def __init__(self, max_disparity: int = 24, reduction: str = "mean") -> None:
         super().__init__()
-        self.max_disparity = max_disparity
+        self.max_disparity, self.reduction = max_disparity, reduction
+
+    def _reduced(self, product: Tensor) -> Tensor:
+        return product.mean(dim=1) if self.reduction == "mean" else product.sum(dim=1)
 
     def forward(self, left: Tensor, right: Tensor) -> Tensor:
         b, c, h, w = left.shape
         volume = left.new_zeros([b, self.max_disparity, h, w])
         for i in range(self.max_disparity):
             if i > 0:
-                volume[:, i, :, i:] = (left[:, :, :, i:] * right[:, :, :, :-i]).mean(dim=1)
+                volume[:, i, :, i:] = self._reduced(left[:, :, :, i:] * right[:, :, :, :-i])
             else:
-                volume[:, i, :, :] = (left * right).mean(dim=1)
+                volume[:, i, :, :] = self._reduced(left * right)
         return volume.contiguous()
 
 
