@@ -90,8 +90,9 @@ Axis = tuple[str, int]
 channels of a head, ("o", j) the window positions along spatial axis j, ("k", 0) the merged taps."""
 BATCH, HEADS, HEAD_CHANNELS, TAPS = ("n", 0), ("g", 0), ("c", 0), ("k", 0)
 SCORES, VALUES = "scores", "values"
-UNFOLD_ENDS = ("Gather", "Transpose", "Concat")
-"""The ops an exported unfold ends with: a graph with no Reshape of one has nothing to match."""
+UNFOLDING_OPS = ("Gather", "Concat")
+"""The ops an exported unfold steps by (dynamo's Gather, TorchScript's Concat of Slices): a graph with
+no Reshape of their output, or of a Transpose of it, has nothing to match."""
 
 
 # --- the view: unfolded patches, split into heads --------------------------------------------------------
@@ -260,7 +261,7 @@ def find_local_attention(graph: gs.Graph, opset: int) -> list[AttentionMatch]:
 def recognize_local_attention(graph: gs.Graph, opset: int) -> None:
     """Replace every local-attention q·k with a LocalCorrelation and every weighted sum of unfolded
     values with a DynamicFilter, at any input size."""
-    if not any(n.op == "Reshape" and n.inputs[0].inputs and n.inputs[0].inputs[0].op in UNFOLD_ENDS for n in graph.nodes):
+    if not any(n.op == "Reshape" and _unfolded(n.inputs[0]) for n in graph.nodes):
         return
     replaced = set()
     for per_trial in matches_at_every_size(graph, opset, find_local_attention, AttentionMatch.signature):
@@ -268,6 +269,14 @@ def recognize_local_attention(graph: gs.Graph, opset: int) -> None:
             replaced.add(per_trial[0].output.name)
             (_replace_scores if per_trial[0].kind == SCORES else _replace_values)(graph, opset, per_trial)
     graph.cleanup()
+
+
+def _unfolded(tensor: gs.Tensor) -> bool:
+    """Whether the tensor may end an exported unfold: the output of a Gather or a Concat, or a Transpose of one."""
+    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if producer is not None and producer.op == "Transpose":
+        producer = producer.inputs[0].inputs[0] if len(producer.inputs[0].inputs) == 1 else None
+    return producer is not None and producer.op in UNFOLDING_OPS
 
 
 def _layout(axes: Sequence[Axis], output_axes: Sequence[Axis | None]) -> tuple[list[int] | None, list[int]]:
@@ -313,7 +322,8 @@ def _replace_scores(graph: gs.Graph, opset: int, per_trial: Sequence[AttentionMa
         ordered = _ordered(b, match, queries, (BATCH, HEADS, HEAD_CHANNELS, *(("o", j) for j in range(rank))),
                            [m.use.other_shape for m in per_trial])
         target = [0, view.patches.channels, *(spatial if None not in spatial else [b.shape(keys, 2)])]
-        flat = gs.Variable(f"{output.name}/queries", queries.dtype, [keys.shape[0], view.patches.channels, *keys.shape[2:]])
+        key_shape = list(keys.shape) if keys.shape else [None] * (rank + 2)
+        flat = gs.Variable(f"{output.name}/queries", queries.dtype, [key_shape[0], view.patches.channels, *key_shape[2:]])
         b.reshape(ordered, shape_vector(b, target), out=flat)  # type: ignore[arg-type]
 
     correlation = Correlation(

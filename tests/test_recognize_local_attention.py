@@ -10,6 +10,8 @@ checked below). Look-alikes must come out without a LocalCorrelation, their outp
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -69,25 +71,32 @@ def canonical(model: onnx.ModelProto) -> list[gs.Node]:
     return [n for n in import_graph(model).nodes if n.domain == DOMAIN]
 
 
-def assert_recognized(model: onnx.ModelProto, heads: int = HEADS, window: int = WINDOW, rank: int = 2) -> None:
-    """One LocalCorrelation of the queries with the keys (offsets -p..p, G = heads, summed), one
-    DynamicFilter of the values (the unfold's window), and nothing of the unfolds left."""
+def assert_recognized(model: onnx.ModelProto, heads: Sequence[int] = (HEADS,), window: int = WINDOW, rank: int = 2) -> None:
+    """Per attention layer (one per entry of `heads`), one LocalCorrelation of the queries with the
+    keys (offsets -p..p, G = heads, summed) and one DynamicFilter of the values (the unfold's window,
+    G = heads filter groups); nothing of the unfolds left."""
     graph = import_graph(model)
     nodes = [n for n in graph.nodes if n.domain == DOMAIN]
-    assert [n.op for n in nodes] == ["LocalCorrelation", "DynamicFilter"], [n.op for n in nodes]
-    correlation, dynamic_filter = nodes
+    assert sorted(n.op for n in nodes) == ["DynamicFilter"] * len(heads) + ["LocalCorrelation"] * len(heads), [n.op for n in nodes]
     p = window // 2
-    assert correlation.attrs == {"displacement_first": [-p] * rank, "displacement_last": [p] * rank, "displacement_step": [1] * rank,
-                                 "groups": heads, "reduction": "sum", "scale": 1.0}
-    assert dynamic_filter.attrs == {"kernel_shape": [window] * rank, "strides": [1] * rank, "dilations": [1] * rank, "pads": [p] * 2 * rank}
-    assert dynamic_filter.inputs[1].shape[1:3] == [heads, window**rank]
+    correlations = [n.attrs for n in nodes if n.op == "LocalCorrelation"]
+    assert sorted(c["groups"] for c in correlations) == sorted(heads)
+    window_attrs = {"displacement_first": [-p] * rank, "displacement_last": [p] * rank, "displacement_step": [1] * rank,
+                    "reduction": "sum", "scale": 1.0}
+    assert all({k: v for k, v in c.items() if k != "groups"} == window_attrs for c in correlations)
+    filters = [n for n in nodes if n.op == "DynamicFilter"]
+    assert all(n.attrs == {"kernel_shape": [window] * rank, "strides": [1] * rank, "dilations": [1] * rank, "pads": [p] * 2 * rank}
+               for n in filters)
+    assert sorted(n.inputs[1].shape[1] for n in filters) == sorted(heads)
+    assert all(n.inputs[1].shape[2] == window**rank for n in filters)
     assert not [n.op for n in graph.nodes if n.op in ("Gather", "Pad", "ReduceSum", "Einsum")]
 
 
 def lowered(model: onnx.ModelProto, correlation: str) -> onnx.ModelProto:
-    """The model with its LocalCorrelation lowered to `correlation` and its DynamicFilter to shift_sum."""
+    """The model with its LocalCorrelations lowered to `correlation` and its DynamicFilters to shift_sum."""
     result = convlower.lower(model, [f"LocalCorrelation={correlation}", "DynamicFilter=shift_sum"])
-    assert sorted(n.variant for n in result.nodes) == sorted([correlation, "shift_sum"]), result.nodes
+    assert {n.op: n.variant for n in result.nodes} == {"LocalCorrelation": correlation, "DynamicFilter": "shift_sum"}, result.nodes
+    assert all(n.variant for n in result.nodes), result.nodes
     assert not [n for n in result.model.graph.node if n.domain == DOMAIN]
     return result.model
 
@@ -101,6 +110,17 @@ def assert_keeps_symbolic_dims(written: onnx.ModelProto, exported: onnx.ModelPro
     assert dim_params(written.graph.input) == dim_params(exported.graph.input) == [["batch", "", "h", "w"]]
     assert [v.type for v in written.graph.output] == [v.type for v in exported.graph.output]
     assert dim_params(written.graph.output) == [["batch", "", "h", "w"]]
+
+
+class Several(nn.Module):
+    """Several layers on the same input, one output each: one export for them all."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        return tuple(layer(x) for layer in self.layers)
 
 
 # --- recognized: static and symbolic dims ----------------------------------------------------------------------
@@ -156,13 +176,12 @@ def test_optimize_recognizes_a_symbolic_export_at_one_profile(symbolic_export: t
     assert_equal_to_torch(result.model, module, [PROFILE, OTHER])
 
 
-@pytest.mark.parametrize("heads", [1, CHANNELS], ids=["one-head", "one-channel-per-head"])
-def test_one_head_and_one_channel_per_head(heads: int) -> None:
+def test_one_head_and_one_channel_per_head() -> None:
     """G = 1 (the view's head axis has extent 1) and C/G = 1 (the values' weights then run along the
-    head's channels too, trivially)."""
-    module = LocalAttention(CHANNELS, heads, WINDOW)
+    head's channels too, trivially), one export for both."""
+    module = Several([LocalAttention(CHANNELS, 1, WINDOW), LocalAttention(CHANNELS, CHANNELS, WINDOW)])
     model = export(module, PROFILE)
-    assert_recognized(model, heads=heads)
+    assert_recognized(model, heads=(1, CHANNELS))
     assert_equal_to_torch(lowered(model, "stacked_mul_reduce"), module, [PROFILE])
 
 
@@ -186,17 +205,49 @@ class OneSided(nn.Module):
         return (attention * v).sum(-1).reshape(b, c, h, w)
 
 
-@pytest.mark.parametrize("before", [False, True], ids=["offsets-0..2", "offsets-minus2..0"])
-def test_one_sided_window(before: bool) -> None:
-    """The offsets follow the padding: first = -pad_begin, last = reach - pad_begin."""
-    module = OneSided(before)
+def test_one_sided_windows() -> None:
+    """The offsets follow the padding: first = -pad_begin, last = reach - pad_begin (both sides, one export)."""
+    module = Several([OneSided(before=False), OneSided(before=True)])
     model = export(module, PROFILE)
-    correlation, dynamic_filter = canonical(model)
-    first = -(WINDOW - 1) if before else 0
-    assert correlation.attrs["displacement_first"] == [first] * 2 and correlation.attrs["displacement_last"] == [first + WINDOW - 1] * 2
-    assert dynamic_filter.attrs["pads"] == ([WINDOW - 1] * 2 + [0, 0] if before else [0, 0] + [WINDOW - 1] * 2)
+    nodes = canonical(model)
+    reach = WINDOW - 1
+    windows = sorted((n.attrs["displacement_first"], n.attrs["displacement_last"]) for n in nodes if n.op == "LocalCorrelation")
+    assert windows == [([-reach] * 2, [0] * 2), ([0] * 2, [reach] * 2)]
+    pads = sorted(n.attrs["pads"] for n in nodes if n.op == "DynamicFilter")
+    assert pads == [[0, 0, reach, reach], [reach, reach, 0, 0]]
     assert_equal_to_torch(recognized_model(model), module, [PROFILE])
     assert_equal_to_torch(lowered(model, "banded_matmul"), module, [PROFILE])
+
+
+class HeadsLast(nn.Module):
+    """Local attention with queries and results laid out `[B, heads, H, W, C/heads]` (as
+    neighbourhood-attention code keeps a head's channels last), both products einsums, the scores
+    `[B, H, W, heads, K]`: the queries are transposed back before the LocalCorrelation, its result
+    into the scores' layout, and the scores into the DynamicFilter's `[B, heads, K, H, W]`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Conv2d(CHANNELS, 3 * CHANNELS, 1, bias=False)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=1)
+        pad, g = WINDOW // 2, HEADS
+        k = F.pad(k, [pad] * 4).unfold(2, WINDOW, 1).unfold(3, WINDOW, 1).reshape(b, g, c // g, h, w, WINDOW**2)
+        v = F.pad(v, [pad] * 4).unfold(2, WINDOW, 1).unfold(3, WINDOW, 1).reshape(b, g, c // g, h, w, WINDOW**2)
+        q = q.reshape(b, g, c // g, h, w).permute(0, 1, 3, 4, 2)
+        attention = torch.einsum("bgxyc,bgcxyk->bxygk", q, k).softmax(-1)
+        return torch.einsum("bxygk,bgcxyk->bgxyc", attention, v).permute(0, 1, 4, 2, 3).reshape(b, c, h, w)
+
+
+def test_heads_last_layout_with_symbolic_dims() -> None:
+    module = HeadsLast()
+    model = export(module, PROFILE, symbolic=True)
+    assert_recognized(model)
+    written = lowered(model, "stacked_mul_reduce")
+    assert_keeps_symbolic_dims(written, model)
+    for candidate in (recognized_model(model), written):
+        assert_equal_to_torch(candidate, module, [PROFILE, OTHER])
 
 
 class Attention1d(nn.Module):
@@ -281,31 +332,13 @@ class LookAlike(nn.Module):
 LOOK_ALIKES = ["window-sum", "reflect", "replicate", "fill", "key-stride", "per-channel", "relative"]
 
 
-class Several(nn.Module):
-    """Several layers on the same input, one output each: one export for them all."""
-
-    def __init__(self, layers: list[nn.Module]) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, x):
-        return tuple(layer(x) for layer in self.layers)
-
-
 def test_look_alikes_are_left_alone() -> None:
-    """No q·k of them is a LocalCorrelation; whatever else is recognized (a DynamicFilter over the
-    zero-padded values where the values are still a local attention's) leaves every output as torch
-    computes it."""
-    module = Several([LookAlike(change) for change in LOOK_ALIKES])
+    """No q·k of them is a LocalCorrelation; that of their twin, which differs from each in its change
+    alone, is. Whatever else is recognized (a DynamicFilter over the zero-padded values where the
+    values are still a local attention's) leaves every output as torch computes it."""
+    module = Several([LookAlike(change) for change in LOOK_ALIKES] + [LookAlike("none")])
     model = export(module, PROFILE)
-    assert len(model.graph.output) == len(LOOK_ALIKES)
-    assert "LocalCorrelation" not in [n.op for n in canonical(model)]
-    assert_equal_to_torch(recognized_model(model), module, [PROFILE])
-
-
-def test_their_twin_is_recognized() -> None:
-    """The look-alikes differ from this one in their change alone."""
-    module = LookAlike("none")
-    model = export(module, PROFILE)
-    assert_recognized(model)
+    assert len(model.graph.output) == len(LOOK_ALIKES) + 1
+    (twin,) = [n for n in canonical(model) if n.op == "LocalCorrelation"]
+    assert twin.attrs["groups"] == HEADS and twin.attrs["displacement_first"] == [-(WINDOW // 2)] * 2
     assert_equal_to_torch(recognized_model(model), module, [PROFILE])
