@@ -316,7 +316,7 @@ def _flip_after(
     """The only use of `output` when it reverses tap axes only (`flippable`: output axis -> window
     axes it holds; size-1 axes may be reversed too), and the window axes it reverses; (None, ())
     when there is no such flip to fold: it then stays a Slice after the correlation."""
-    if output.name in graph_outputs or len(output.outputs) != 1:
+    if output.name in graph_outputs or len(output.outputs) != 1 or output.outputs[0].inputs[0] is not output:
         return None, ()
     reversed_axes = whole_reversal(output.outputs[0], shape, opset)
     if not reversed_axes or any(axis not in flippable and shape[axis] != 1 for axis in reversed_axes):
