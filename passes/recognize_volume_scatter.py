@@ -6,62 +6,67 @@ models/correlation_idioms.py) fill a zero volume one disparity at a time:
     volume = left.new_zeros([B, G, D, H, W])
     for i in range(D):
         volume[:, :, i, :, i:] = (left[..., i:] * right[..., :-i]).view(B, G, C // G, H, W - i).mean(2)
-    # [B, D, H, W] with one group: volume[:, i, :, i:] = (left[..., i:] * right[..., :-i]).mean(1)
+    # one group, [B, D, H, W]:  volume[:, i, :, i:] = (left[..., i:] * right[..., :-i]).mean(1)
 
 that is `Y[b, g, d, h, w] = mean_{c in g} left[b, c, h, w] · right[b, c, h, w - d]`, zero where
-`w - d < 0`: a LocalCorrelation of A = left and B = right with displacements δ = -d along W
-(`first=(0, 0), last=(0, -(D-1)), step=(1, -1)`, G groups, the mean or the sum).
+`w < d`: the LocalCorrelation of A = left and B = right over the displacements δ = -d along W
+(`first=(0, 0), last=(0, -(D-1)), step=(1, -1)`), G groups, the mean (or the sum).
 
-What the exporters write (torch 2.13), per disparity i (i = 0 reads left and right whole):
+What torch 2.13 exports. Each value written, `term_i` (i = 0 reads the maps whole, no Slice):
 
-    term_i = ReduceMean|ReduceSum(axes [2])( Reshape[B, G, C/G, H, W-i]( Mul(Slice(left, i:), Slice(right, :-i)) ) )
-             (one group: ReduceMean|ReduceSum(axes [1]) of the Mul, no Reshape)
+    left ─► Slice(axis 3, i:) ──┐
+    right ─► Slice(axis 3, :-i) ┴► Mul ─► Reshape[B, G, C/G, H, W-i] ─► ReduceMean|ReduceSum(axes [2]) ─► term_i
+                                   (one group: no Reshape, the reduction over axis 1)
 
-TorchScript (opset 17), static or symbolic dims: the volume is a zero Constant (static) or
-ConstantOfShape(0) (symbolic), and each write one ScatterND whose indices enumerate every element
-written, built from Range/Expand/Where/Unsqueeze/Concat (about 130 nodes per disparity):
+TorchScript (opset 17), static or symbolic dims: a zero Constant (static) or ConstantOfShape(0)
+(symbolic), then one ScatterND per disparity whose indices enumerate every element written, built
+from Range, Expand, Where, Unsqueeze and Concat (70-150 nodes per disparity: 3,555 nodes for
+StereoNet's 24):
 
-    zeros ─► ScatterND(idx_0, Reshape(Expand(term_0))) ─► ScatterND(idx_1, Reshape(Expand(term_1))) ─► ... ─► volume
-                                    idx_i = Concat(b, g, [i], h, w ≥ i)[B, G, 1, H, W-i, 5]
+    zeros ─► ScatterND(idx_0, Reshape(Expand(term_0))) ─► ScatterND(idx_1, Reshape(Expand(term_1))) ─► … ─► volume
+             idx_i [B, G, 1, H, W-i, 5] = Concat(Unsqueeze(Expand(b)), .., Unsqueeze(Expand(w + i)), axis -1)
 
-dynamo (opset 18), static or symbolic dims: a select_scatter of a slice_scatter per disparity, on
-the volume as the previous write left it:
+dynamo (opset 18), static or symbolic dims: ConstantOfShape(0), then per disparity a
+select_scatter of a slice_scatter of the volume as the previous write left it:
 
-    vol_{i-1} ─► Gather(axis 2, i) ─► Transpose ─► ScatterND([[i], .., [W-1]], Transpose(term_i)) ─► Transpose ─┐
-    vol_{i-1} ──────────────────────────────────────────► ScatterElements(axis 2, index i) ◄── Unsqueeze(2) ◄───┘ ─► vol_i
-    (vol_{-1} = ConstantOfShape(0); the whole-row write of i = 0 has no ScatterND; Identity nodes between)
+    vol_i-1 ─► Gather(axis 2, i) ─► Transpose ─► ScatterND([[i], .., [W-1]], Transpose(term_i)) ─► Transpose ─┐
+    vol_i-1 ──────────────────────────────────► ScatterElements(axis 2, index i) ◄── Unsqueeze(axis 2) ◄───────┘ ─► vol_i
+    (the whole-row write of i = 0 has no ScatterND; Identity nodes between; the last Identity is the output)
 
 Rather than match these node by node, the recognizer evaluates the data movement. From each final
 scatter (one whose result reaches no further scatter through data-movement ops) it walks back
 through data-movement ops (ScatterND, ScatterElements, Gather, Slice, Transpose, Reshape,
-(Un)Squeeze, Expand, Concat, Identity) to their leaves, which must each be a zero fill (a zero
-constant, ConstantOfShape of 0) or a correlation term as drawn above; indices, shapes and axes
-fold from constants and static shapes. It then runs that data movement in NumPy on labels: the
-zeros are label 0, element e of term t is a label of its own. The volume's labels say exactly which
-term element, or zero, lands where; the match holds only where every slice d of the volume's
-disparity axis holds one term laid out as `LocalCorrelation` lays out displacement δ_d: its
-product's A window at the positions p it covers, B read at p + δ_d, every position of A whose
-p + δ_d lies in B covered, the rest zero; and the δ_d must step through a window (row-major over
-the displaced axes), whatever the order of the writes. The disparities may thus be written in any
-order, into slots in another order (descending: a positive step), with a step (`i = s·d`), with
-either map as A (writing `left[..., :-i] * right[..., i:]` at `:-i` correlates right against
-left), at spatial ranks 1 to 3.
+(Un)Squeeze, Expand, Concat, Identity) to their leaves, each of which must be a zero fill (a float
+constant of zeros, ConstantOfShape of 0) or a term as drawn above; their indices, shapes and axes
+must fold from constants and static shapes (NumPy for the data movement and the index arithmetic
+above, `symbolic.folded_value` for the rest). It then runs that data movement on labels: the
+zeros are label 0, each element of each term a label of its own. The volume's labels say which
+term element, or a zero, lands where; the match holds only where every slice d of the volume's
+disparity axis holds one term exactly as LocalCorrelation lays out a displacement δ_d: the term's
+A window at the positions p it covers, B read at p + δ_d, every position whose p + δ_d falls in B
+covered, zeros elsewhere; and the δ_d run row-major through a window of displacements. So the
+disparities may be written in any order, into slots in another order (descending slots: a
+positive step), with a step (`i = s·d`), with either map as A (`left[..., i:] * right[..., :-i]`
+written at `:-i` correlates right against left, δ = +i), at spatial ranks 1 to 3 (a 2-D window of
+displacements: one slot per offset, row-major).
 
-Rewrite (`[B, G, D, *S]` volume, or `[B, D, *S]` with one group):
+Rewrite (K displacements):
 
-    LocalCorrelation(A, B, first, last, step, groups=G, reduction) ─► volume          [B, G, K, *S]
-    LocalCorrelation(A, B, ..., groups=1) ─► Squeeze(axis 1) ─► volume                 [B, K, *S]
+    LocalCorrelation(A, B, first, last, step, groups=G, reduction) ─► volume           [B, G, K, *S]
+    LocalCorrelation(A, B, ..., groups=1) ─► Squeeze(axis 1) ─► volume                  [B, K, *S]
 
 Under symbolic dims the matcher runs at trial sizes (`symbolic.matches_at_every_size`) and must find
 the same volume, maps and window at each; the rewrite holds no size, so the model keeps its dims.
-The exported volume is exactly zero outside B where LocalCorrelation is zero for finite A.
+The export's volume is exactly zero where `p + δ` leaves B; LocalCorrelation is too, for finite A.
 
-Left as they are (the labels or the terms differ): a fill that is not zero (`new_ones`, `new_full`),
-a write at another W offset than the term's A window, a missing or repeated disparity, a product
-reduced over another axis than the group's channels, anything but a mean or a sum, a term of
-another shape than the slice it fills, a write of something else into the volume, operands that
-are not windows of two maps of one shape (read back through Slice to whole batch and channel
-extents), volumes whose labels would exceed `MAX_VOLUME_ELEMENTS`.
+Left as they are, each because its labels or its terms differ: a fill that is not zero (`new_ones`,
+`new_full`); a value written at another W offset than its A window (one pixel right); a product of
+windows at the same offset written from offset d (no shift); a missing or repeated disparity; a
+product reduced over another axis than the group's channels (rows); a reduction other than the mean
+or the sum (a max); anything else added to or written into the volume; operands other than windows
+of two maps of one shape read back through Slice to their whole batch and channels (a map that is
+itself a channel slice of a larger tensor is left alone too); volumes or terms of more than
+`MAX_VOLUME_ELEMENTS` elements at the sizes matched, whose labels are not evaluated.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ from . import register_recognizer
 from .base import Builder, attr_text, constant_value, static_shape
 from .local_correlation import OP_TYPE, Correlation, emit_local_correlation
 from .shifted_slices import sliced_ranges
-from .symbolic import SHAPE_ARITHMETIC, folded_value, local, matches_at_every_size
+from .symbolic import SHAPE_ARITHMETIC, folded_value, matches_at_every_size
 
 SCATTERS = ("ScatterND", "ScatterElements")
 DATA_INPUTS: dict[str, tuple[int, ...] | None] = {
@@ -191,6 +196,10 @@ def _is_zero_fill(tensor: gs.Tensor) -> bool:
 # --- evaluating the data movement on labels ---------------------------------------------------------------
 
 
+Evaluate = Callable[[gs.Node, list, int], "np.ndarray | None"]
+"""One op in NumPy: (node, its input values, opset) -> its output value, or None where it cannot say."""
+
+
 def _axes(node: gs.Node, values: list[np.ndarray | None], opset: int, since: int) -> list[int] | None:
     """Axes given as the second input from opset `since` on, as an attribute before."""
     if opset >= since:
@@ -251,12 +260,15 @@ def _scatter_nd(node: gs.Node, values: list[np.ndarray | None], opset: int) -> n
 
 
 def _scatter_elements(node: gs.Node, values: list[np.ndarray | None], opset: int) -> np.ndarray | None:
+    """ScatterElements without reduction; None where an index repeats along the axis (undefined in ONNX)."""
     data, indices, updates = values
     assert data is not None and indices is not None and updates is not None
     if attr_text(node.attrs.get("reduction", "none")) != "none" or indices.shape != updates.shape:
         return None
     axis = int(node.attrs.get("axis", 0)) % data.ndim
     indices = np.where(indices < 0, indices + data.shape[axis], indices)
+    if indices.shape[axis] > 1 and np.any(np.diff(np.sort(indices, axis), axis=axis) == 0):
+        return None
     out = np.array(data)
     np.put_along_axis(out, indices, updates, axis)
     return out
@@ -273,13 +285,44 @@ def _constant_of_shape(node: gs.Node, values: list[np.ndarray | None], opset: in
     return np.full([int(d) for d in np.ravel(values[0])], fill_value[0], fill_value.dtype)
 
 
-Evaluate = Callable[[gs.Node, list, int], "np.ndarray | None"]
+def _transpose(node: gs.Node, values: list[np.ndarray | None], opset: int) -> np.ndarray:
+    return np.transpose(values[0], node.attrs.get("perm"))
+
+
+def _gather(node: gs.Node, values: list[np.ndarray | None], opset: int) -> np.ndarray:
+    return np.take(values[0], values[1], axis=int(node.attrs.get("axis", 0)))
+
+
+def _expand(node: gs.Node, values: list[np.ndarray | None], opset: int) -> np.ndarray:
+    data, shape = values[0], tuple(int(d) for d in np.ravel(values[1]))
+    assert data is not None
+    return np.broadcast_to(data, np.broadcast_shapes(data.shape, shape))
+
+
+def _concat(node: gs.Node, values: list[np.ndarray | None], opset: int) -> np.ndarray:
+    return np.concatenate(values, axis=int(node.attrs["axis"]))
+
+
+def _range(node: gs.Node, values: list[np.ndarray | None], opset: int) -> np.ndarray:
+    start, limit, delta = values
+    return np.arange(start, limit, delta).astype(np.result_type(start, limit, delta))
+
+
+def _elementwise(function: Callable[..., np.ndarray]) -> Evaluate:
+    """An op that applies `function` to its inputs."""
+
+    def evaluate(node: gs.Node, values: list[np.ndarray | None], opset: int) -> np.ndarray:
+        return function(*values)
+
+    return evaluate
+
+
 NUMPY_OPS: dict[str, Evaluate] = {
-    "Identity": lambda node, v, opset: v[0],
-    "Transpose": lambda node, v, opset: np.transpose(v[0], node.attrs.get("perm")),
-    "Gather": lambda node, v, opset: np.take(v[0], v[1], axis=int(node.attrs.get("axis", 0))),
-    "Expand": lambda node, v, opset: np.broadcast_to(v[0], np.broadcast_shapes(v[0].shape, tuple(int(d) for d in v[1]))),
-    "Concat": lambda node, v, opset: np.concatenate(v, axis=int(node.attrs["axis"])),
+    "Identity": _elementwise(np.asarray),
+    "Transpose": _transpose,
+    "Gather": _gather,
+    "Expand": _expand,
+    "Concat": _concat,
     "Slice": _slice,
     "Reshape": _reshape,
     "Unsqueeze": _unsqueeze,
@@ -288,19 +331,19 @@ NUMPY_OPS: dict[str, Evaluate] = {
     "ScatterElements": _scatter_elements,
     "Cast": _cast,
     "ConstantOfShape": _constant_of_shape,
-    "Range": lambda node, v, opset: np.arange(v[0], v[1], v[2]).astype(np.result_type(v[0], v[1], v[2])),
-    "Add": lambda node, v, opset: v[0] + v[1],
-    "Sub": lambda node, v, opset: v[0] - v[1],
-    "Mul": lambda node, v, opset: v[0] * v[1],
-    "Equal": lambda node, v, opset: np.equal(v[0], v[1]),
-    "Where": lambda node, v, opset: np.where(v[0], v[1], v[2]),
+    "Range": _range,
+    "Add": _elementwise(np.add),
+    "Sub": _elementwise(np.subtract),
+    "Mul": _elementwise(np.multiply),
+    "Equal": _elementwise(np.equal),
+    "Where": _elementwise(np.where),
 }
 """The data-movement ops, and the index arithmetic the exporters compute scatter indices with, in
 NumPy; other shape arithmetic folds through `symbolic.folded_value`."""
 
 
 @dataclass
-class Labelled:
+class DataMovement:
     """The data movement ending at a volume, as found by walking back from it: its nodes in
     evaluation order, its leaves (zero fills and terms), and how often each tensor is read."""
 
@@ -318,7 +361,7 @@ class _Walk:
         self.opset = opset
         self.modes: dict[str, bool] = {}
         """Tensor name -> whether it carries data (else it is an index, shape or axes)."""
-        self.found = Labelled([], [], [], {})
+        self.found = DataMovement([], [], [], {})
 
     def data(self, tensor: gs.Tensor) -> bool:
         if not self._first_visit(tensor, True):
@@ -368,7 +411,7 @@ class _Walk:
         return True
 
 
-def _walk(volume: gs.Tensor, opset: int) -> Labelled | None:
+def _walk(volume: gs.Tensor, opset: int) -> DataMovement | None:
     walk = _Walk(opset)
     if not walk.data(volume) or not walk.found.terms:
         return None
@@ -379,7 +422,7 @@ def _walk(volume: gs.Tensor, opset: int) -> Labelled | None:
     return found
 
 
-def _labels(volume: gs.Tensor, found: Labelled, opset: int) -> tuple[np.ndarray, list[int]] | None:
+def _labels(volume: gs.Tensor, found: DataMovement, opset: int) -> tuple[np.ndarray, list[int]] | None:
     """The volume's labels, and the first label of each term: 0 where a zero fill lands, `first[t] + e`
     where element e of term t does. Values are freed once their last reader has run."""
     shape = static_shape(volume)
@@ -550,9 +593,10 @@ def recognize_scatter_volumes(graph: gs.Graph, opset: int) -> None:
     ops = {node.op for node in graph.nodes}
     if not ops & set(SCATTERS) or not ops & set(REDUCTIONS):
         return
+    tensors = graph.tensors()  # once: the lookup walks the whole graph, and the tensors matched are there from the start
     for per_trial in matches_at_every_size(graph, opset, find_scatter_volumes, _signature):
         match = per_trial[0]
-        volume, a, b = (local(graph, t) for t in (match.volume, match.a, match.b))
+        volume, a, b = (tensors[t.name] for t in (match.volume, match.a, match.b))
         volume.inputs.clear()
         builder = Builder(graph, opset, f"{volume.name}/{OP_TYPE}", dtype=volume.dtype or np.float32)
         if match.grouped:
