@@ -23,7 +23,9 @@ Both torch exporters write it, at ranks 1 and 2, static or symbolic B/H/W, as
   Transpose and Cast; ReduceMean takes `axes` as an attribute, ReduceSum as an input; each
   displacement has its own Slice pair, and each `.view` its own Reshape target. At symbolic dims
   each slice end is `Unsqueeze(Shape(f1)[axis] + offset)` and the `.view` target a Concat of
-  Shape reads and a `Div` for C // G.
+  Shape reads and a `Div` for C // G. A cat of the costs inside another cat on the same axis
+  (FlowNet's `torch.cat([correlation, f1], 1)`) becomes one Concat: the costs are then a run of
+  its inputs, replaced by one input.
 - dynamo (opset 18): the Pad's pads are one constant; the first Slice (rows) is shared by the
   displacements of one row; ReduceMean and ReduceSum take `axes` as an input (one constant shared
   with the Slices' steps). At symbolic dims the slice ends are `Reshape(Add(offset,
@@ -59,13 +61,17 @@ Left as they are (each is something else, or not known to be this op at every si
 - a reflect, replicate or non-zero constant pad (B would not read as zero outside);
 - a sum or mean over the window (the displacements) instead of the channels, or over any other
   axis, or a reduction other than mean and sum;
-- slices that skip a displacement, repeat one, step by another amount on one axis, or are longer or
-  shorter than B (a stride, or a pad wider than the window's reach);
+- slices that skip a displacement, repeat one, or are shorter or longer than B (a stride);
 - a window times itself, or times anything that is not one tensor shaped like the window: there is
   no A to correlate with;
-- displacements joined in an order that is not row-major (column-major, shuffled): one
-  LocalCorrelation plus a Gather would do, but no code writes it;
-- a loop whose join or products are used elsewhere, or with fewer than two displacements.
+- a loop whose costs are also used elsewhere (they would be computed twice), or with fewer than
+  two displacements.
+
+Not covered (the op, but not matched): a pad wider than the window's reach (slices that do not
+start at offset 0), displacements joined in an order other than row-major (column-major,
+shuffled: one LocalCorrelation and a Gather), a sum divided by C afterwards (a mean written out),
+3-D windows (PaddedShiftLoop writes ranks 1 and 2; nothing here is bound to a rank, but no test
+covers 3).
 
 The look-alikes of `recognize_shift_loop.py` (taps weighted by filter channels and added) have no
 Concat of channel reductions and are not matched here; this recognizer runs first and consumes its
@@ -113,18 +119,32 @@ class Cost:
 
 @dataclass(frozen=True)
 class CorrelationLoopMatch:
-    """A join of per-displacement costs: `output` = a layout of LocalCorrelation(`a`, `b`)."""
+    """Inputs `start` to `end` of the Concat making `output` join per-displacement costs: together
+    they are a layout of LocalCorrelation(`a`, `b`) (the whole output where they are all its inputs)."""
 
     output: gs.Tensor
+    start: int
+    end: int
     a: gs.Tensor
     b: gs.Tensor
     correlation: Correlation
     layout: tuple[Label, ...]
-    """The output's axes; Y is ("n", "g", "k", "s0", ..)."""
+    """The joined costs' axes; Y is ("n", "g", "k", "s0", ..)."""
     spatial: tuple[int, ...]
 
     def signature(self) -> tuple:
-        return self.output.name, self.a.name, self.b.name, self.correlation, self.layout
+        return self.output.name, self.start, self.end, self.a.name, self.b.name, self.correlation, self.layout
+
+
+@dataclass(frozen=True)
+class Run:
+    """Concat inputs `start` to `end` that all read as costs, joined alike: `stack_axis` is the axis
+    each was unsqueezed at (a stack), None for a cat. `readings` holds each input's readings."""
+
+    start: int
+    end: int
+    stack_axis: int | None
+    readings: tuple[tuple[Cost, ...], ...]
 
 
 def _single_producer(tensor: gs.Tensor, op: str | tuple[str, ...], graph: gs.Graph) -> gs.Node | None:
@@ -206,16 +226,28 @@ def _dim(dim: object) -> int | None:
     return int(dim) if isinstance(dim, (int, np.integer)) else None
 
 
-def _joined(concat: gs.Node, graph: gs.Graph, opset: int) -> tuple[list[gs.Tensor], int | None, int]:
-    """(costs, stack axis or None for a cat, Concat axis) of a Concat: the inputs of the Unsqueezes
-    (one axis, the same for all) that make every input, else the inputs themselves. Axes are
-    normalized against the costs' rank by `_layout`."""
-    axis = int(concat.attrs.get("axis", 0))
-    unsqueezes = [_single_producer(t, "Unsqueeze", graph) for t in concat.inputs]
-    inserted = {tuple(unsqueezed_axes(node, opset) or ()) if node is not None else () for node in unsqueezes}
-    if len(inserted) == 1 and len(stack := inserted.pop()) == 1:
-        return [node.inputs[0] for node in unsqueezes if node is not None], stack[0], axis
-    return list(concat.inputs), None, axis
+def _runs(concat: gs.Node, graph: gs.Graph, opset: int) -> list[Run]:
+    """The runs of two or more consecutive Concat inputs that are each a cost, or each an Unsqueeze
+    (at one axis, the same for the run) of a cost. A run need not be all the inputs: the TorchScript
+    exporter writes `torch.cat([torch.cat(costs, 1), f1], 1)` as one Concat."""
+    kinds: list[tuple[int | None, tuple[Cost, ...]] | None] = []
+    for tensor in concat.inputs:
+        unsqueeze = _single_producer(tensor, "Unsqueeze", graph)
+        axes = unsqueezed_axes(unsqueeze, opset) if unsqueeze is not None else None
+        if unsqueeze is not None and axes is not None and len(axes) == 1:
+            readings, stack_axis = _cost(unsqueeze.inputs[0], graph, opset), axes[0]
+        else:
+            readings, stack_axis = _cost(tensor, graph, opset), None
+        kinds.append((stack_axis, tuple(readings)) if readings else None)
+    runs = []
+    position = 0
+    for key, group in itertools.groupby(kinds, key=lambda kind: None if kind is None else (kind[0],)):
+        kinds_in_group = list(group)
+        members = [kind for kind in kinds_in_group if kind is not None]
+        if key is not None and len(members) >= 2:
+            runs.append(Run(position, position + len(members), key[0], tuple(readings for _, readings in members)))
+        position += len(kinds_in_group)
+    return runs
 
 
 def _layout(labels: tuple[Label, ...], stack_axis: int | None, concat_axis: int) -> tuple[Label, ...] | None:
@@ -254,23 +286,16 @@ def _correlation(window: SlidingWindow, order: list[int], groups: int, reduction
     return None
 
 
-def _match(concat: gs.Node, graph: gs.Graph, opset: int) -> CorrelationLoopMatch | None:
-    tensors, stack_axis, concat_axis = _joined(concat, graph, opset)
-    if len(tensors) < 2:
-        return None
-    readings = [_cost(t, graph, opset) for t in tensors]
-    if not all(readings):
-        return None
-    common = set.intersection(*({id(c.a) for c in costs} for costs in readings))
+def _match(concat: gs.Node, run: Run) -> CorrelationLoopMatch | None:
+    common = set.intersection(*({id(c.a) for c in reading} for reading in run.readings))
     if len(common) != 1:
         return None
     a_id = common.pop()
-    costs = [next(c for c in reading if id(c.a) == a_id) for reading in readings]
-    kind = {(c.reduction, c.groups, c.labels) for c in costs}
-    if len(kind) != 1:
+    costs = [next(c for c in reading if id(c.a) == a_id) for reading in run.readings]
+    if len({(c.reduction, c.groups, c.labels) for c in costs}) != 1:
         return None
     first = costs[0]
-    layout = _layout(first.labels, stack_axis, concat_axis)
+    layout = _layout(first.labels, run.stack_axis, int(concat.attrs.get("axis", 0)))
     found = kernel_window([c.window for c in costs])
     if layout is None or found is None:
         return None
@@ -280,18 +305,19 @@ def _match(concat: gs.Node, graph: gs.Graph, opset: int) -> CorrelationLoopMatch
     correlation = _correlation(window, order, first.groups or 1, first.reduction)
     if correlation is None:
         return None
-    return CorrelationLoopMatch(concat.outputs[0], first.a, first.window.source, correlation, layout, first.window.lengths)
+    return CorrelationLoopMatch(
+        concat.outputs[0], run.start, run.end, first.a, first.window.source, correlation, layout, first.window.lengths
+    )
 
 
 def find_correlation_loops(graph: gs.Graph, opset: int) -> list[CorrelationLoopMatch]:
-    """Every Concat that joins the channel-reduced products of one map with the shifted windows of
-    one zero-padded map, one per displacement of a window."""
+    """Every run of Concat inputs that joins the channel-reduced products of one map with the
+    shifted windows of one zero-padded map, one per displacement of a window."""
     matches = []
     for node in graph.nodes:
         if node.op == "Concat" and len(node.outputs) == 1:
-            match = _match(node, graph, opset)
-            if match is not None:
-                matches.append(match)
+            found = (_match(node, run) for run in _runs(node, graph, opset))
+            matches.extend(match for match in found if match is not None)
     return matches
 
 
@@ -332,27 +358,45 @@ def _rearranged(b: Builder, y: gs.Tensor, layout: tuple[Label, ...], spatial: Se
 
 def recognize_correlation_loops(graph: gs.Graph, opset: int) -> None:
     """Replace every pad-once correlation loop with one `convlower.LocalCorrelation` node and the
-    rearrangement its join makes of it.
+    rearrangement its join makes of it: the Concat's output, or, where the costs are some of the
+    Concat's inputs, one input in their place.
 
-    Y is named after the output, so that a static-shape import of the same model (optimize's shape
-    probe) names it alike."""
+    New tensors are named after the Concat's output, so that a static-shape import of the same
+    model (optimize's shape probe) names them alike."""
     if not has_sliced_pad(graph):
         return
-    for per_trial in matches_at_every_size(graph, opset, find_correlation_loops, CorrelationLoopMatch.signature):
-        match = per_trial[0]
-        output, a, b_tensor = (local(graph, t) for t in (match.output, match.a, match.b))
-        output.inputs.clear()
-        name = f"{output.name}/{LOCAL_CORRELATION}"
-        b = Builder(graph, opset, name, dtype=output.dtype or np.float32)
-        spatial = dims_across(*(m.spatial for m in per_trial))
-        correlation = match.correlation
-        direct = match.layout == ("n", "g", "k", *(f"s{i}" for i in range(len(spatial))))
-        y = output if direct else gs.Variable(name, output.dtype or a.dtype)
-        emit_local_correlation(b, a, b_tensor, correlation, out=y)
-        if not direct:
-            y.shape = None if a.shape is None else [a.shape[0], correlation.groups, correlation.taps, *a.shape[FIRST_SPATIAL:]]
-            _rearranged(b, y, match.layout, spatial, a, output)
+    found = matches_at_every_size(graph, opset, find_correlation_loops, CorrelationLoopMatch.signature)
+    for per_trial in sorted(found, key=lambda trials: (trials[0].output.name, -trials[0].start)):  # later runs first: indices hold
+        _replace(graph, opset, per_trial)
     graph.cleanup()
+
+
+def _replace(graph: gs.Graph, opset: int, per_trial: Sequence[CorrelationLoopMatch]) -> None:
+    """Emit the LocalCorrelation of a match (found at each trial size) into `graph`."""
+    match = per_trial[0]
+    joined, a, b_tensor = (local(graph, t) for t in (match.output, match.a, match.b))
+    concat = joined.inputs[0]
+    dtype = joined.dtype or a.dtype or np.float32
+    name = f"{joined.name}/{LOCAL_CORRELATION}" + ("" if match.start == 0 else f"{match.start}")
+    whole = match.start == 0 and match.end == len(concat.inputs)
+    if whole:
+        output = joined
+        joined.inputs.clear()
+    else:
+        output = gs.Variable(f"{name}/joined", dtype)
+        inputs = list(concat.inputs)
+        concat.inputs.clear()
+        concat.inputs.extend(inputs[: match.start] + [output] + inputs[match.end :])
+    b = Builder(graph, opset, name, dtype=dtype)
+    spatial = dims_across(*(m.spatial for m in per_trial))
+    correlation = match.correlation
+    direct = match.layout == ("n", "g", "k", *(f"s{i}" for i in range(len(spatial))))
+    y = output if direct else gs.Variable(name, dtype)
+    emit_local_correlation(b, a, b_tensor, correlation, out=y)
+    if y is not joined:
+        y.shape = None if a.shape is None else [a.shape[0], correlation.groups, correlation.taps, *a.shape[FIRST_SPATIAL:]]
+    if not direct:
+        _rearranged(b, y, match.layout, spatial, a, output)
 
 
 register_recognizer(recognize_correlation_loops)
