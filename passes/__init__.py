@@ -63,6 +63,10 @@ from . import col2im, conv_transpose  # noqa: E402,F401
 from . import dynamic_filter, unfold  # noqa: E402,F401  (registers DynamicFilter, Unfold and the F.unfold idiom recognizer)
 from . import pixel_adaptive_conv, recognize_pac  # noqa: E402,F401  (registers PixelAdaptiveConv and its recognizer)
 from . import local_correlation  # noqa: E402,F401  (registers LocalCorrelation)
+# Cost volumes and local attention before the dynamic-filter recognizers: they consume shifted
+# slices and unfolds reduced over channels, which those recognizers must not take as filters.
+from . import recognize_volume_scatter, recognize_correlation_loop  # noqa: E402,F401  (slice-assignment volumes, pad-once shift loops)
+from . import recognize_unfold_correlation, recognize_local_attention  # noqa: E402,F401  (unfold correlations, local attention q·k)
 from . import recognize_shift_loop, recognize_stacked_shifts  # noqa: E402,F401  (shift-and-sum idioms)
 from . import recognize_tensor_unfold  # noqa: E402,F401  (Tensor.unfold dynamic filters)
 
