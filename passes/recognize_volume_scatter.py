@@ -121,6 +121,8 @@ class Term:
 
 
 def _window(tensor: gs.Tensor, opset: int) -> Window | None:
+    """`tensor` as a window of the map its Slices read (itself, whole, when none does); None unless the
+    map is `[N, C, *S]` (1 to 3 spatial axes), read whole along N and C and with step 1 elsewhere."""
     read = sliced_ranges(tensor, opset)
     if read is None:
         return None
@@ -550,25 +552,39 @@ def _read_volume(volume: gs.Tensor, labels: np.ndarray, firsts: list[int], terms
     return None
 
 
+def _reaches_scatter(tensor: gs.Tensor) -> bool:
+    """Whether `tensor`'s data reaches a scatter through data-movement ops."""
+    frontier, seen = [tensor], set()
+    while frontier:
+        for consumer in frontier.pop().outputs:
+            if consumer.op not in DATA_INPUTS or id(consumer) in seen:
+                continue
+            seen.add(id(consumer))
+            if consumer.op in SCATTERS:
+                return True
+            frontier.extend(consumer.outputs)
+    return False
+
+
 def _final_scatters(graph: gs.Graph) -> list[gs.Tensor]:
     """Outputs of scatters whose data reaches no further scatter through data-movement ops."""
-    finals = []
+    return [node.outputs[0] for node in graph.nodes
+            if node.op in SCATTERS and len(node.outputs) == 1 and not _reaches_scatter(node.outputs[0])]
+
+
+def _has_scattered_products(graph: gs.Graph) -> bool:
+    """Whether a reduced product (of Mul, or of a Reshape of one) reaches a scatter: without one there is
+    no volume to find, nor any reason to bind symbolic dims to trial sizes (which infers shapes
+    through the whole graph, seconds for a large model with an unrelated ScatterND)."""
     for node in graph.nodes:
-        if node.op not in SCATTERS or len(node.outputs) != 1:
+        if node.op not in REDUCTIONS or len(node.inputs[0].inputs) != 1:
             continue
-        frontier, seen, inner = [node.outputs[0]], set(), False
-        while frontier and not inner:
-            tensor = frontier.pop()
-            for consumer in tensor.outputs:
-                positions = DATA_INPUTS.get(consumer.op, ())
-                carries = positions is None or any(consumer.inputs[i] is tensor for i in positions if i < len(consumer.inputs))
-                if consumer.op in DATA_INPUTS and carries and id(consumer) not in seen:
-                    seen.add(id(consumer))
-                    inner = consumer.op in SCATTERS
-                    frontier.extend(consumer.outputs)
-        if not inner:
-            finals.append(node.outputs[0])
-    return finals
+        producer = node.inputs[0].inputs[0]
+        if producer.op == "Reshape" and len(producer.inputs[0].inputs) == 1:
+            producer = producer.inputs[0].inputs[0]
+        if producer.op == "Mul" and _reaches_scatter(node.outputs[0]):
+            return True
+    return False
 
 
 def find_scatter_volumes(graph: gs.Graph, opset: int) -> list[VolumeMatch]:
@@ -590,8 +606,7 @@ def _signature(match: VolumeMatch) -> tuple:
 def recognize_scatter_volumes(graph: gs.Graph, opset: int) -> None:
     """Replace every slice-assignment cost volume with one `convlower.LocalCorrelation` node (and a
     Squeeze for the one-group `[N, K, *S]` layout), named after the volume."""
-    ops = {node.op for node in graph.nodes}
-    if not ops & set(SCATTERS) or not ops & set(REDUCTIONS):
+    if not _has_scattered_products(graph):
         return
     tensors = graph.tensors()  # once: the lookup walks the whole graph, and the tensors matched are there from the start
     for per_trial in matches_at_every_size(graph, opset, find_scatter_volumes, _signature):
