@@ -114,23 +114,49 @@ def _is_static(dim: object) -> bool:
 
 
 def trial_bindings(graph: gs.Graph) -> list[dict[str, tuple[int, ...]]]:
-    """Input shapes for each trial. Symbolic dims that share a name share a size; every other
-    symbolic dim (another name, or unnamed) gets a size of its own. A dim first seen on an
-    input's axis 0 is a batch and takes `TRIAL_BATCH` sizes."""
+    """Input shapes for each trial. Symbolic dims that share a name share a size, and so do the dims
+    of twin inputs axis by axis (`_twin_keys`); every other symbolic dim (another name, or unnamed)
+    gets a size of its own. A dim first seen on an input's axis 0 is a batch and takes
+    `TRIAL_BATCH` sizes."""
+    keys = _twin_keys(graph)
     first_axis: dict[object, int] = {}
     for tensor in graph.inputs:
         for axis, dim in enumerate(tensor.shape or ()):
             if not _is_static(dim):
-                first_axis.setdefault(_dim_key(tensor, axis, dim), axis)
+                first_axis.setdefault(keys[tensor.name, axis], axis)
     bindings = []
     for trial, batch in enumerate(TRIAL_BATCH):
         size = {key: batch if axis == 0 else TRIAL_BASE[trial] + TRIAL_STEP * index
                 for index, (key, axis) in enumerate(first_axis.items())}
         bindings.append({
-            tensor.name: tuple(int(d) if _is_static(d) else size[_dim_key(tensor, axis, d)] for axis, d in enumerate(tensor.shape))
+            tensor.name: tuple(int(d) if _is_static(d) else size[keys[tensor.name, axis]] for axis, d in enumerate(tensor.shape))
             for tensor in graph.inputs if tensor.shape is not None
         })
     return bindings
+
+
+def _twin_keys(graph: gs.Graph) -> dict[tuple[str, int], object]:
+    """Per symbolic (input, axis), the key of the size it takes: its name, else the input and axis;
+    an input's twin takes the earlier input's keys axis by axis. Twins are inputs of one rank with
+    the same static dims at the same axes (a stereo pair, two video frames): the dynamo exporter
+    with `Dim.AUTO` names each frame's height and width apart (`s95`, `s97`), since the model
+    accepts sizes that differ and meet after a stride; bound apart, they meet nowhere and no idiom
+    between them matches. Equal sizes are one valid binding of such inputs. A dim whose name an
+    earlier input already has keeps it."""
+    keys: dict[tuple[str, int], object] = {}
+    seen: set[object] = set()
+    first_of_pattern: dict[tuple, gs.Tensor] = {}
+    for tensor in graph.inputs:
+        if tensor.shape is None:
+            continue
+        twin = first_of_pattern.setdefault(tuple(int(d) if _is_static(d) else None for d in tensor.shape), tensor)
+        for axis, dim in enumerate(tensor.shape):
+            if _is_static(dim):
+                continue
+            own = _dim_key(tensor, axis, dim)
+            keys[tensor.name, axis] = own if twin is tensor or own in seen else keys[twin.name, axis]
+            seen.add(own)
+    return keys
 
 
 def _dim_key(tensor: gs.Tensor, axis: int, dim: object) -> object:

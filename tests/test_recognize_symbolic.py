@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 
 import convlower
 from convlower.models.idioms import UnfoldMulSum, UnfoldSignal
 from convlower.passes import FAMILIES
 from convlower.passes.local_functions import DOMAIN
+from convlower.passes.symbolic import trial_bindings
 from tests.helpers import run
 from tests.test_recognize import ATOL, EXPORTERS, RTOL, EinsumFilter, Method1, MulReduce, canonical_nodes, recognized_model
 
@@ -259,3 +261,16 @@ def test_a_net_with_large_weights(dynamo: bool, opset: int, tmp_path: Path) -> N
     model = export_symbolic(module, (torch.randn(2, 3, 12, 10),), [IMAGE], dynamo, opset, tmp_path / "w.onnx")
     sizes = [(torch.randn(1, 3, 9, 14),), (torch.randn(2, 3, 16, 6),)]
     assert_recognized_under_symbolic_dims(module, model, "DynamicFilter", sizes, {"shift_sum", "conv_unfold"})
+
+
+def test_trial_bindings_bind_twin_inputs_alike() -> None:
+    """Inputs of one rank and the same static dims (a stereo pair that dynamo's `Dim.AUTO` names apart)
+    take equal trial sizes axis by axis; a shared name keeps its own size; other inputs bind apart."""
+    def graph(*shapes: list) -> gs.Graph:
+        return gs.Graph(inputs=[gs.Variable(f"x{i}", np.float32, shape) for i, shape in enumerate(shapes)])
+
+    for binding in trial_bindings(graph(["s3", 3, "s95", "s51"], ["s3", 3, "s97", "s50"], ["s3", 9, "s7", "s8"])):
+        assert binding["x0"] == binding["x1"]
+        assert binding["x0"][2:] != binding["x2"][2:] and binding["x0"][2] != binding["x0"][3]
+    for binding in trial_bindings(graph(["n", 3, "h", "w"], ["n", 3, "w", "h"])):
+        assert binding["x1"] == (binding["x0"][0], 3, binding["x0"][3], binding["x0"][2])

@@ -299,6 +299,28 @@ def test_optimize_a_symbolic_stereo_net() -> None:
     assert_equal_to_export(result.model, model, [images, other])
 
 
+def test_optimize_a_dynamo_stereo_net_whose_frames_have_dims_of_their_own() -> None:
+    """dynamo with `Dim.AUTO` names each frame's height and width apart (the net accepts frames whose
+    sizes differ and meet after the encoder's stride), so recognizers bind the two frames to equal trial
+    sizes (symbolic._twin_keys): optimized at one profile, the volume is found, and the model equals the
+    export at frames of unequal sizes that the tuner never saw."""
+    module = StereoNet("groupwise", channels=CHANNELS, max_disparity=DISPARITIES, groups=GROUPS).eval()
+    images = (2, 3, 8, 20)
+    auto = {axis: torch.export.Dim.AUTO for axis in (0, 2, 3)}
+    model = torch.onnx.export(module, (torch.randn(images), torch.randn(images)), dynamo=True, opset_version=18,
+                              input_names=["left", "right"], dynamic_shapes=(auto, auto), verbose=False).model_proto
+    assert dim_params(model.graph.input)[0][2:] != dim_params(model.graph.input)[1][2:], "the frames share dim names"
+    result = convlower.optimize(model, input_shapes={"left": images, "right": images}, guard=False, cache=None, threads=1,
+                                variants=["LocalCorrelation=banded_matmul"])
+    assert [n.op for n in result.report.nodes if n.recognized] == ["LocalCorrelation"]
+    assert_no_scatter_left(result.model)
+    rng = np.random.default_rng(3)
+    unequal = {"left": rng.standard_normal((1, 3, 14, 26), dtype=np.float32),
+               "right": rng.standard_normal((1, 3, 13, 25), dtype=np.float32)}
+    for got, want in zip(run(result.model, unequal), run(model, unequal), strict=True):
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
+
+
 # --- other spatial ranks -----------------------------------------------------------------------------------------------
 
 
