@@ -141,10 +141,10 @@ def _twin_keys(graph: gs.Graph) -> dict[tuple[str, int], object]:
     the same static dims at the same axes (a stereo pair, two video frames): the dynamo exporter
     with `Dim.AUTO` names each frame's height and width apart (`s95`, `s97`), since the model
     accepts sizes that differ and meet after a stride; bound apart, they meet nowhere and no idiom
-    between them matches. Equal sizes are one valid binding of such inputs. A dim whose name an
-    earlier input already has keeps it."""
+    between them matches. Equal sizes are one valid binding of such inputs. A name resolves once,
+    where it is first seen, and keeps that key wherever it appears again."""
     keys: dict[tuple[str, int], object] = {}
-    seen: set[object] = set()
+    resolved: dict[object, object] = {}
     first_of_pattern: dict[tuple, gs.Tensor] = {}
     for tensor in graph.inputs:
         if tensor.shape is None:
@@ -154,8 +154,7 @@ def _twin_keys(graph: gs.Graph) -> dict[tuple[str, int], object]:
             if _is_static(dim):
                 continue
             own = _dim_key(tensor, axis, dim)
-            keys[tensor.name, axis] = own if twin is tensor or own in seen else keys[twin.name, axis]
-            seen.add(own)
+            keys[tensor.name, axis] = resolved.setdefault(own, own if twin is tensor else keys[twin.name, axis])
     return keys
 
 
