@@ -35,7 +35,7 @@ with b read as zero outside its extent.
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,22 +123,26 @@ def _dynamic_filter_fake(
     return x.new_empty((*x.shape[:2], *filters.shape[3:]))
 
 
-def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library's callback signature
-    x, filters, *window = inputs
-    ctx.save_for_backward(x, filters)
-    ctx.window = _window(*window)
+def _differentiate_reference(op_name: str, spec_of: Callable[..., Any], reference: Callable[[Tensor, Tensor, Any], Tensor]) -> None:
+    """Give a custom op of two tensors and some attributes its gradients, by differentiating its torch
+    reference (`spec_of(*attributes)` read as the reference's third argument) on the saved inputs."""
+
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library's callback signature
+        first, second, *attributes = inputs
+        ctx.save_for_backward(first, second)
+        ctx.spec, ctx.attribute_count = spec_of(*attributes), len(attributes)
+
+    def backward(ctx, grad: Tensor):  # noqa: ANN001 - torch.library's callback signature
+        first, second = ctx.saved_tensors
+        with torch.enable_grad():
+            first, second = first.detach().requires_grad_(), second.detach().requires_grad_()
+            grads = torch.autograd.grad(reference(first, second, ctx.spec), (first, second), grad)
+        return (*grads, *[None] * ctx.attribute_count)
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
-def _backward(ctx, grad: Tensor):  # noqa: ANN001 - torch.library's callback signature
-    """Gradients by differentiating the reference on the saved inputs."""
-    x, filters = ctx.saved_tensors
-    with torch.enable_grad():
-        x, filters = x.detach().requires_grad_(), filters.detach().requires_grad_()
-        grad_x, grad_filters = torch.autograd.grad(reference(x, filters, ctx.window), (x, filters), grad)
-    return grad_x, grad_filters, None, None, None, None
-
-
-torch.library.register_autograd(TORCH_OP, _backward, setup_context=_setup_context)
+_differentiate_reference(TORCH_OP, _window, reference)
 
 
 def dynamic_filter(
@@ -271,22 +275,7 @@ def _local_correlation_fake(
     return a.new_empty((a.shape[0], groups, _correlation(first, last, step, groups, reduction, scale).taps, *a.shape[2:]))
 
 
-def _correlation_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library's callback signature
-    a, b, *attrs = inputs
-    ctx.save_for_backward(a, b)
-    ctx.correlation = _correlation(*attrs)
-
-
-def _correlation_backward(ctx, grad: Tensor):  # noqa: ANN001 - torch.library's callback signature
-    """Gradients by differentiating the reference on the saved inputs."""
-    a, b = ctx.saved_tensors
-    with torch.enable_grad():
-        a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
-        grad_a, grad_b = torch.autograd.grad(correlation_reference(a, b, ctx.correlation), (a, b), grad)
-    return grad_a, grad_b, None, None, None, None, None, None
-
-
-torch.library.register_autograd(CORRELATION_TORCH_OP, _correlation_backward, setup_context=_correlation_setup_context)
+_differentiate_reference(CORRELATION_TORCH_OP, _correlation, correlation_reference)
 
 
 def local_correlation(

@@ -1,7 +1,20 @@
 """The registry: the single place that lists which ops convlower lowers and how.
 
-Each entry is an `OpFamily` from one pass module: how to read a node into a spec, and the variants
-(registered implementations) the tuner chooses between.
+A family is one op with its spec and variants (registered implementations the tuner chooses
+between); a recognizer rewrites an exported idiom into a family's canonical node. Each family is a
+module, or a package that holds its recognizers beside it:
+
+    conv.py, conv_transpose.py, col2im.py      standard ops, no recognizer
+    unfold/                                    convlower.Unfold         + recognize_unfold
+    dynamic_filter/                            convlower.DynamicFilter  + recognize_unfold_filter,
+                                                 recognize_shift_loop, recognize_stacked_shifts,
+                                                 recognize_tensor_unfold
+    pixel_adaptive_conv/                       convlower.PixelAdaptiveConv + recognize_pac
+    local_correlation/                         convlower.LocalCorrelation  + recognize_volume_scatter,
+                                                 recognize_correlation_loop, recognize_unfold_correlation,
+                                                 recognize_local_attention
+    matching/                                  readers of exported patterns that recognizers share
+    base.py, local_functions.py                specs, variants, Builder; canonical ops' function bodies
 """
 
 from __future__ import annotations
@@ -10,29 +23,54 @@ from typing import Callable
 
 import onnx_graphsurgeon as gs
 
+from . import col2im, conv, conv_transpose, dynamic_filter, local_correlation, pixel_adaptive_conv, unfold
 from .base import Builder, NotLowerable, OpFamily, SimpleVariant, Variant, spec_dict, spec_key
+from .dynamic_filter import recognize_shift_loop, recognize_stacked_shifts, recognize_tensor_unfold, recognize_unfold_filter
+from .local_correlation import (
+    recognize_correlation_loop,
+    recognize_local_attention,
+    recognize_unfold_correlation,
+    recognize_volume_scatter,
+)
+from .pixel_adaptive_conv import recognize_pac
+from .unfold import recognize_unfold
 
-FAMILIES: dict[str, OpFamily] = {}
+FAMILIES: dict[str, OpFamily] = {
+    family.op_type.lower(): family
+    for family in (
+        conv.FAMILY,
+        col2im.FAMILY,
+        conv_transpose.FAMILY,
+        dynamic_filter.FAMILY,
+        unfold.FAMILY,
+        pixel_adaptive_conv.FAMILY,
+        local_correlation.FAMILY,
+    )
+}
+"""Every family by op type, lower-cased (ops are matched case-insensitively)."""
 
 Recognizer = Callable[[gs.Graph, int], None]
-RECOGNIZERS: list[Recognizer] = []
-"""Rewrites of exported idioms into canonical nodes, run in order before planning.
+RECOGNIZERS: list[Recognizer] = [
+    recognize_unfold_filter.recognize_dynamic_filters,
+    recognize_pac.recognize_pixel_adaptive_convs,
+    # Cost volumes and local attention before the shift and Tensor.unfold filter recognizers: they
+    # consume shifted slices and unfolds reduced over channels, which those must not take as filters.
+    recognize_volume_scatter.recognize_scatter_volumes,
+    recognize_correlation_loop.recognize_correlation_loops,
+    recognize_unfold_correlation.recognize_unfold_correlations,
+    recognize_local_attention.recognize_local_attention,
+    recognize_shift_loop.recognize_shift_loops,
+    recognize_stacked_shifts.recognize_stacked_shifts,
+    recognize_tensor_unfold.recognize_tensor_unfold_filters,
+    # Plain unfolds last: a recognizer that consumes an F.unfold (a dynamic filter, PAC) must see it first.
+    recognize_unfold.recognize_unfolds,
+]
+"""Rewrites of exported idioms into canonical nodes, run in this order before planning.
 
 A recognizer gets the graph and its default-domain opset and edits the graph in place. It must be
 deterministic (planning and rewriting each import the model afresh) and must leave a graph that
 onnxruntime still runs: a canonical op it introduces carries its model-local function.
 """
-
-
-def register(family: OpFamily) -> OpFamily:
-    """Add a family to the registry; ops are matched case-insensitively by type."""
-    FAMILIES[family.op_type.lower()] = family
-    return family
-
-
-def register_recognizer(recognizer: Recognizer) -> Recognizer:
-    RECOGNIZERS.append(recognizer)
-    return recognizer
 
 
 def family_for(op_type: str, domain: str = "") -> OpFamily | None:
@@ -52,23 +90,6 @@ __all__ = [
     "SimpleVariant",
     "Variant",
     "family_for",
-    "register",
-    "register_recognizer",
     "spec_dict",
     "spec_key",
 ]
-
-from . import conv  # noqa: E402,F401  (registers Conv)
-from . import col2im, conv_transpose  # noqa: E402,F401
-from . import dynamic_filter, unfold  # noqa: E402,F401  (registers DynamicFilter, Unfold and the F.unfold idiom recognizer)
-from . import pixel_adaptive_conv, recognize_pac  # noqa: E402,F401  (registers PixelAdaptiveConv and its recognizer)
-from . import local_correlation  # noqa: E402,F401  (registers LocalCorrelation)
-# Cost volumes and local attention before the dynamic-filter recognizers: they consume shifted
-# slices and unfolds reduced over channels, which those recognizers must not take as filters.
-from . import recognize_volume_scatter, recognize_correlation_loop  # noqa: E402,F401  (slice-assignment volumes, pad-once shift loops)
-from . import recognize_unfold_correlation, recognize_local_attention  # noqa: E402,F401  (unfold correlations, local attention q·k)
-from . import recognize_shift_loop, recognize_stacked_shifts  # noqa: E402,F401  (shift-and-sum idioms)
-from . import recognize_tensor_unfold  # noqa: E402,F401  (Tensor.unfold dynamic filters)
-
-# Plain unfolds last: a recognizer that consumes an F.unfold (a dynamic filter, PAC) must see it first.
-register_recognizer(unfold.recognize_unfolds)

@@ -1,6 +1,6 @@
 """What every pass module shares: the Spec and Variant shapes, the op-family record, and `Builder`.
 
-A pass module (conv.py, dynamic_filter.py, ...) defines one `OpFamily`: how to read a node into a
+A family module (conv.py, dynamic_filter/, ...) defines one `OpFamily`: how to read a node into a
 frozen spec, and the variants that can replace it. Each variant is a pure function of the spec:
 `why_not(spec)` says why it does not apply (or None), `build(b, spec, inputs, outputs)` emits the
 replacement nodes through a `Builder`, writing the node's original output tensors.
@@ -77,6 +77,12 @@ class Variant(Protocol):
     def why_not(self, spec: Any) -> str | None: ...
 
     def build(self, b: "Builder", spec: Any, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None: ...
+
+
+def applies_to_any_shape(spec: Any) -> None:
+    """The `why_not` of a variant that reads the spec's unknown dims off `Shape` at run time, and so
+    applies to every node of its family."""
+    return None
 
 
 @dataclass(frozen=True)

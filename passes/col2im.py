@@ -29,13 +29,13 @@ from typing import Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import register
 from .base import (
     Builder,
     Dim,
     NotLowerable,
     OpFamily,
     SimpleVariant,
+    applies_to_any_shape,
     constant_value,
     float_dtype,
     non_negative_ints,
@@ -221,10 +221,6 @@ def make_spec(node: gs.Node, opset: int) -> Col2ImSpec:
     )
 
 
-def _always(spec: Col2ImSpec) -> str | None:
-    return None
-
-
 def build_native(b: Builder, spec: Col2ImSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
     """Col2Im again, every attribute written out and the shape inputs as fresh constants."""
     attrs = {"strides": list(spec.strides), "dilations": list(spec.dilations), "pads": list(spec.pads)}
@@ -268,14 +264,12 @@ def _zeros_like(b: Builder, x: gs.Tensor) -> gs.Tensor:
     return b.op("ConstantOfShape", [b.shape(x)], {"value": b.const(np.zeros(1, b.dtype), "zero")})
 
 
-FAMILY = register(
-    OpFamily(
-        op_type="Col2Im",
-        domain="",
-        make_spec=make_spec,
-        variants=(
-            SimpleVariant("native", _always, build_native, "Col2Im with explicit attributes"),
-            SimpleVariant("shift_add", _always, build_shift_add, "Σ of spread, shifted column images (Pad/Slice/Sum)"),
-        ),
-    )
+FAMILY = OpFamily(
+    op_type="Col2Im",
+    domain="",
+    make_spec=make_spec,
+    variants=(
+        SimpleVariant("native", applies_to_any_shape, build_native, "Col2Im with explicit attributes"),
+        SimpleVariant("shift_add", applies_to_any_shape, build_shift_add, "Σ of spread, shifted column images (Pad/Slice/Sum)"),
+    ),
 )

@@ -47,7 +47,6 @@ from typing import Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import register
 from .base import (
     Builder,
     int_attr,
@@ -548,4 +547,4 @@ VARIANTS = (
     SimpleVariant("conv2d_column", why_not_2d_layout, build_conv2d_column, "1-D Conv as a 2-D Conv on a [T, 1] column"),
 )
 
-FAMILY = register(OpFamily("Conv", "", make_spec, VARIANTS))
+FAMILY = OpFamily("Conv", "", make_spec, VARIANTS)

@@ -49,7 +49,6 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import register
 from .base import (
     Builder,
     int_attr,
@@ -479,22 +478,20 @@ def build_subpixel(
     interleave(b, phased, spec.out_channels, spec.strides, rows, spec.out_spatial, outputs[0])
 
 
-FAMILY = register(
-    OpFamily(
-        op_type="ConvTranspose",
-        domain="",
-        make_spec=make_spec,
-        variants=(
-            SimpleVariant("native", why_not_native, build_native, "ConvTranspose with explicit attributes"),
-            SimpleVariant("col2im", why_not_col2im, build_col2im, "MatMul of the weights with the input, then Col2Im"),
-            SimpleVariant(
-                "zero_insert_conv", why_not_zero_insert_conv, build_zero_insert_conv,
-                "input spread by the stride, Conv with flipped weights",
-            ),
-            SimpleVariant(
-                "subpixel", why_not_subpixel, build_subpixel,
-                "stride^n phase convs in one Conv, interleaved by DepthToSpace",
-            ),
+FAMILY = OpFamily(
+    op_type="ConvTranspose",
+    domain="",
+    make_spec=make_spec,
+    variants=(
+        SimpleVariant("native", why_not_native, build_native, "ConvTranspose with explicit attributes"),
+        SimpleVariant("col2im", why_not_col2im, build_col2im, "MatMul of the weights with the input, then Col2Im"),
+        SimpleVariant(
+            "zero_insert_conv", why_not_zero_insert_conv, build_zero_insert_conv,
+            "input spread by the stride, Conv with flipped weights",
         ),
-    )
+        SimpleVariant(
+            "subpixel", why_not_subpixel, build_subpixel,
+            "stride^n phase convs in one Conv, interleaved by DepthToSpace",
+        ),
+    ),
 )

@@ -1,4 +1,4 @@
-"""Recognition of pad-once correlation loops as `convlower.LocalCorrelation` (passes/recognize_correlation_loop.py).
+"""Recognition of pad-once correlation loops as `convlower.LocalCorrelation` (passes/local_correlation/recognize_correlation_loop.py).
 
 `PaddedShiftLoop` and `FlowNet("shift_loop")` (models/correlation_idioms.py), and variations written
 here, are exported for real by both torch exporters (`convlower.export`: TorchScript at opset 17,
@@ -24,8 +24,8 @@ from convlower.models.correlation_idioms import FlowNet, PaddedShiftLoop
 from convlower.models.idioms import ShiftLoop
 from convlower.passes import FAMILIES
 from convlower.passes.local_functions import DOMAIN
-from convlower.passes.recognize_correlation_loop import find_correlation_loops
-from convlower.passes.recognize_shift_loop import recognize_shift_loops
+from convlower.passes.local_correlation.recognize_correlation_loop import find_correlation_loops
+from convlower.passes.dynamic_filter.recognize_shift_loop import recognize_shift_loops
 from convlower.shapes import infer_shapes
 from tests.helpers import op_types, run
 from tests.test_recognize import canonical_nodes, recognized_model

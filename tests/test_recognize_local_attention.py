@@ -1,4 +1,4 @@
-"""Recognition of local attention written with `Tensor.unfold` (passes/recognize_local_attention.py).
+"""Recognition of local attention written with `Tensor.unfold` (passes/local_correlation/recognize_local_attention.py).
 
 Real torch exports of `LocalAttention` (models/correlation_idioms.py) and of variations written here,
 recognized as one `convlower.LocalCorrelation` (q·k) and one `convlower.DynamicFilter` (the weighted

@@ -19,7 +19,7 @@ import convlower
 from convlower.models.idioms import UnfoldMulSum, UnfoldSignal
 from convlower.passes import FAMILIES
 from convlower.passes.local_functions import DOMAIN
-from convlower.passes.symbolic import trial_bindings
+from convlower.passes.matching.symbolic import trial_bindings
 from tests.helpers import run
 from tests.test_recognize import ATOL, EXPORTERS, RTOL, EinsumFilter, Method1, MulReduce, canonical_nodes, recognized_model
 
@@ -254,7 +254,7 @@ class WideKernelPrediction(nn.Module):
 
 @pytest.mark.parametrize("dynamo, opset", EXPORTERS)
 def test_a_net_with_large_weights(dynamo: bool, opset: int, tmp_path: Path) -> None:
-    from convlower.passes.symbolic import LARGE_CONSTANT
+    from convlower.passes.matching.symbolic import LARGE_CONSTANT
 
     module = WideKernelPrediction()
     assert module.predict.weight.numel() > LARGE_CONSTANT

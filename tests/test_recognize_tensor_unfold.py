@@ -1,4 +1,4 @@
-"""Recognition of dynamic filters written with `Tensor.unfold` patches (passes/recognize_tensor_unfold.py).
+"""Recognition of dynamic filters written with `Tensor.unfold` patches (passes/dynamic_filter/recognize_tensor_unfold.py).
 
 Real torch exports, run on onnxruntime as recognized (the DynamicFilter through its model-local
 function) and lowered to shift_sum, compared with torch eager. What each exporter can export

@@ -1,5 +1,5 @@
 """Recognition of local correlations written with `F.unfold` / `nn.Unfold` as one
-`convlower.LocalCorrelation` (passes/recognize_unfold_correlation.py).
+`convlower.LocalCorrelation` (passes/local_correlation/recognize_unfold_correlation.py).
 
 The idioms (models/correlation_idioms.py's `UnfoldCorrelation` and `UnfoldStereo`, and variations
 written here) are exported for real by both torch exporters (TorchScript at opset 17, dynamo at
@@ -25,8 +25,9 @@ from convlower.modelio import default_opset
 from convlower.models.correlation_idioms import UnfoldCorrelation, UnfoldStereo
 from convlower.passes import FAMILIES, RECOGNIZERS
 from convlower.passes.local_functions import DOMAIN
-from convlower.passes.recognize_unfold_correlation import recognize_unfold_correlations
-from convlower.passes.unfold import recognize_dynamic_filters, recognize_unfolds
+from convlower.passes.local_correlation.recognize_unfold_correlation import recognize_unfold_correlations
+from convlower.passes.dynamic_filter.recognize_unfold_filter import recognize_dynamic_filters
+from convlower.passes.unfold.recognize_unfold import recognize_unfolds
 from convlower.rewrite import import_graph
 from convlower.shapes import infer_shapes
 from tests.helpers import run

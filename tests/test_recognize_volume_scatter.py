@@ -1,4 +1,4 @@
-"""Recognition of cost volumes filled by slice assignment (passes/recognize_volume_scatter.py).
+"""Recognition of cost volumes filled by slice assignment (passes/local_correlation/recognize_volume_scatter.py).
 
 Real torch exports of GwcNet's volumes (`GroupwiseVolume`, `CorrelationVolume`, `StereoNet` in
 models/correlation_idioms.py) and of variations written here, by both exporters (TorchScript at opset

@@ -36,7 +36,7 @@ Under symbolic dims the matcher runs at trial sizes (`symbolic.matches_at_every_
 those Shape computations to constants.
 
 What must hold: the windows are the slices of one zero-padded map B, read as the taps of one
-sliding window by `shifted_slices.kernel_window` (the piece `recognize_shift_loop.py` matches its
+sliding window by `shifted_slices.kernel_window` (the piece `dynamic_filter/recognize_shift_loop.py` matches its
 filter taps with): offsets 0, s, 2s, .. on each axis (s, the dilation, is the displacement step),
 every combination once, stride 1, each window as long as B's own extent (so the pads before and
 after sum to the window's reach, and displacement δ = offset - pad before). Every product is the
@@ -73,7 +73,7 @@ shuffled: one LocalCorrelation and a Gather), a sum divided by C afterwards (a m
 3-D windows (PaddedShiftLoop writes ranks 1 and 2; nothing here is bound to a rank, but no test
 covers 3).
 
-The look-alikes of `recognize_shift_loop.py` (taps weighted by filter channels and added) have no
+The look-alikes of `dynamic_filter/recognize_shift_loop.py` (taps weighted by filter channels and added) have no
 Concat of channel reductions and are not matched here; this recognizer runs first and consumes its
 slices, so that recognizer never sees a correlation loop.
 """
@@ -87,16 +87,15 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import register_recognizer
-from .base import Builder, Dim, constant_value
-from .dynamic_filter import SlidingWindow, shape_vector
-from .local_correlation import OP_TYPE as LOCAL_CORRELATION, Correlation, displacement_order, emit_local_correlation
-from .shifted_slices import ShiftedSlice, has_sliced_pad, kernel_window, only_use, shifted_slice, unsqueezed_axes
-from .symbolic import dims_across, folded_value, local, matches_at_every_size
+from ..base import Builder, Dim
+from ..dynamic_filter import SlidingWindow, shape_vector
+from ..matching.shifted_slices import ShiftedSlice, has_sliced_pad, kernel_window, only_use, shifted_slice, unsqueezed_axes
+from ..matching.reduction import AXES_BECOME_INPUT, read_reduction
+from ..matching.symbolic import dims_across, folded_value, local, matches_at_every_size
+from . import OP_TYPE as LOCAL_CORRELATION, Correlation, displacement_order, emit_local_correlation
 
 FIRST_SPATIAL = 2
 """A and B are `[N, C, *S]`."""
-REDUCTIONS = {"ReduceMean": "mean", "ReduceSum": "sum"}
 
 Label = str
 """What one axis of a cost or of the output holds: "n" batch, "g" channel groups, "u" a kept unit
@@ -155,23 +154,6 @@ def _single_producer(tensor: gs.Tensor, op: str | tuple[str, ...], graph: gs.Gra
     return tensor.inputs[0]
 
 
-def reduced_axis(node: gs.Node, rank: int, opset: int) -> tuple[int, bool] | None:
-    """(axis, keepdims) of a ReduceMean/ReduceSum over exactly one axis of a rank-`rank` input."""
-    if int(node.attrs.get("noop_with_empty_axes", 0)):
-        return None
-    axes_as_input = opset >= (13 if node.op == "ReduceSum" else 18)
-    if axes_as_input:
-        axes = constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
-    else:
-        axes = node.attrs.get("axes")
-    if axes is None or np.size(axes) != 1:
-        return None
-    axis = int(np.ravel(axes)[0])
-    if not -rank <= axis < rank:
-        return None
-    return axis % rank, bool(int(node.attrs.get("keepdims", 1)))
-
-
 def _group_view(tensor: gs.Tensor, shape: Sequence[int], opset: int) -> int | None:
     """G when `tensor` is a Reshape of a `shape` ([N, C, *S]) product to `[N, G, C/G, *S]`."""
     reshape = tensor.inputs[0]
@@ -195,7 +177,7 @@ def _group_view(tensor: gs.Tensor, shape: Sequence[int], opset: int) -> int | No
 def _cost(tensor: gs.Tensor, graph: gs.Graph, opset: int) -> list[Cost]:
     """The readings of `tensor` as one displacement's cost (one per way of naming the window and A
     of its Mul); empty when it is none."""
-    reduce = _single_producer(tensor, tuple(REDUCTIONS), graph)
+    reduce = _single_producer(tensor, tuple(AXES_BECOME_INPUT), graph)
     if reduce is None:
         return []
     reduced = reduce.inputs[0]
@@ -213,12 +195,12 @@ def _cost(tensor: gs.Tensor, graph: gs.Graph, opset: int) -> list[Cost]:
         groups = _group_view(reduced, shape, opset) if view is not None else None
         if view is not None and groups is None:
             continue
-        read = reduced_axis(reduce, len(shape) + (view is not None), opset)
-        if read is None or read[0] != (1 if groups is None else 2):
+        read = read_reduction(reduce, len(shape) + (view is not None), opset)
+        if read is None or read.axes != {1 if groups is None else 2}:
             continue
         spatial = tuple(f"s{i}" for i in range(len(shape) - FIRST_SPATIAL))
-        labels = ("n",) + (("g",) if groups is not None else ()) + (("u",) if read[1] else ()) + spatial
-        costs.append(Cost(window, a, REDUCTIONS[reduce.op], groups, labels))
+        labels = ("n",) + (("g",) if groups is not None else ()) + (("u",) if read.keepdims else ()) + spatial
+        costs.append(Cost(window, a, read.kind, groups, labels))
     return costs
 
 
@@ -399,4 +381,3 @@ def _replace(graph: gs.Graph, opset: int, per_trial: Sequence[CorrelationLoopMat
         _rearranged(b, y, match.layout, spatial, a, output)
 
 
-register_recognizer(recognize_correlation_loops)

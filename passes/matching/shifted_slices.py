@@ -17,8 +17,9 @@ set of windows is exactly the taps of one `SlidingWindow` -- every offset of a k
 once, spaced by the dilation, all with the same step (the stride) and each as long as the Conv
 output extent -- and gives each window its row-major tap index.
 
-Used by `recognize_shift_loop.py` (taps weighted by filter channels and added) and
-`recognize_stacked_shifts.py` (taps stacked on a new axis, weighted and summed).
+Used by `dynamic_filter/recognize_shift_loop.py` (taps weighted by filter channels and added),
+`dynamic_filter/recognize_stacked_shifts.py` (taps stacked on a new axis, weighted and summed) and
+`local_correlation/recognize_correlation_loop.py` (shifted slices times the other map, summed over channels).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from typing import Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import constant_value, static_shape
-from .dynamic_filter import SlidingWindow
+from ..base import constant_value, static_shape
+from ..dynamic_filter import SlidingWindow
 from .symbolic import folded_value
 from .unfold import zero_pads
 

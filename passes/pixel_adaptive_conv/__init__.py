@@ -33,9 +33,19 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import register
-from .base import Builder, Dim, NotLowerable, OpFamily, Reshape, SimpleVariant, constant_value, rearranged, static_shape
-from .dynamic_filter import (
+from ..base import (
+    Builder,
+    Dim,
+    NotLowerable,
+    OpFamily,
+    Reshape,
+    SimpleVariant,
+    applies_to_any_shape,
+    constant_value,
+    rearranged,
+    static_shape,
+)
+from ..dynamic_filter import (
     SPATIAL_LETTERS,
     SlidingWindow,
     WindowSpec,
@@ -51,7 +61,7 @@ from .dynamic_filter import (
     unknown_dims,
     window_spec_fields,
 )
-from .local_functions import DOMAIN, CanonicalOp, register_canonical_op
+from ..local_functions import DOMAIN, CanonicalOp, register_canonical_op
 
 OP_TYPE = "PixelAdaptiveConv"
 
@@ -263,7 +273,7 @@ VARIANTS = (
     SimpleVariant(
         "shift_modulate_conv", _conv_why_not, build_shift_modulate_conv, "per tap: Slice * kernel plane, 1x1 Conv by W[:, :, k]"
     ),
-    SimpleVariant("modulated_im2col", lambda spec: None, build_modulated_im2col, "Slice + Concat columns * kernel, one MatMul"),
+    SimpleVariant("modulated_im2col", applies_to_any_shape, build_modulated_im2col, "Slice + Concat columns * kernel, one MatMul"),
     SimpleVariant("conv_unfold", _conv_why_not, build_conv_unfold, "identity-kernel Conv unfold * kernel, one 1x1 Conv"),
 )
 
@@ -289,5 +299,5 @@ def build_reference_body(
     b.transpose(positions, [0, rank + 1, *range(1, rank + 1)], out=outputs[0])
 
 
-FAMILY = register(OpFamily(OP_TYPE, DOMAIN, make_spec, VARIANTS))
+FAMILY = OpFamily(OP_TYPE, DOMAIN, make_spec, VARIANTS)
 CANONICAL = register_canonical_op(CanonicalOp(OP_TYPE, ("X", "K", "W", "B"), resolved_attrs, overload_name, build_reference_body))

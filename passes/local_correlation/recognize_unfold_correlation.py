@@ -77,12 +77,11 @@ from typing import Hashable, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import register_recognizer
-from .base import Builder, constant_value, static_shape
-from .dynamic_filter import shape_vector
-from .local_correlation import Correlation, emit_local_correlation
-from .symbolic import dims_across, folded_value, has_symbolic_inputs, local, matches_at_every_size
-from .unfold import (
+from ..base import Builder, static_shape
+from ..dynamic_filter import shape_vector
+from ..matching.reduction import read_reduction
+from ..matching.symbolic import dims_across, folded_value, has_symbolic_inputs, local, matches_at_every_size
+from ..matching.unfold import (
     UnfoldMatch,
     _shape_parts,
     axis_kinds,
@@ -93,6 +92,7 @@ from .unfold import (
     views_of,
     zero_pads,
 )
+from . import Correlation, emit_local_correlation
 
 SPATIAL = 2
 """F.unfold's input is `[N, C, H, W]`: two spatial axes."""
@@ -159,21 +159,6 @@ class ChannelSum:
         return tuple(self.natural_axes[p] for p in self.output_perm)
 
 
-def reduced_axes(node: gs.Node, rank: int, opset: int) -> tuple[str, frozenset[int], bool] | None:
-    """(reduction, axes, keepdims) of a ReduceSum or ReduceMean with explicit constant axes."""
-    reduction = {"ReduceSum": "sum", "ReduceMean": "mean"}.get(node.op)
-    if reduction is None or node.attrs.get("noop_with_empty_axes", 0):
-        return None
-    axes_as_input = opset >= (13 if reduction == "sum" else 18)
-    if axes_as_input:
-        axes = constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
-    else:
-        axes = node.attrs.get("axes")
-    if axes is None or np.size(axes) == 0:
-        return None
-    return reduction, frozenset(int(a) % rank for a in np.ravel(axes)), bool(node.attrs.get("keepdims", 1))
-
-
 def reshaped_origin(tensor: gs.Tensor, b_shape: Sequence[int | str | None]) -> gs.Tensor | None:
     """The tensor of B's shape that `tensor` is, through Reshape and Unsqueeze nodes only (same
     elements in the same flat order); None when there is none."""
@@ -212,12 +197,12 @@ def _mul_channel_sums(node: gs.Node, view: gs.Tensor, kinds: Sequence[str], b_sh
         return []
     found = []
     for consumer in node.outputs[0].outputs:
-        reduced = reduced_axes(consumer, len(kinds), opset)
+        reduced = read_reduction(consumer, len(kinds), opset)
         if reduced is None or consumer.inputs[0] is not node.outputs[0]:
             continue
-        reduction, axes, keepdims = reduced
-        kept = tuple(None if j in axes else j for j in range(len(kinds)) if keepdims or j not in axes)
-        found.append(ChannelSum(consumer, a, axes, reduction, kept, tuple(range(len(kept)))))
+        axes = reduced.axes
+        kept = tuple(None if j in axes else j for j in range(len(kinds)) if reduced.keepdims or j not in axes)
+        found.append(ChannelSum(consumer, a, axes, reduced.kind, kept, tuple(range(len(kept)))))
     return found
 
 
@@ -464,4 +449,3 @@ def _replace(graph: gs.Graph, opset: int, per_trial: Sequence[UnfoldCorrelationM
             y = b.transpose(y, value, out=out)  # type: ignore[arg-type]
 
 
-register_recognizer(recognize_unfold_correlations)

@@ -79,11 +79,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import register_recognizer
-from .base import Builder, attr_text, constant_value, static_shape
-from .local_correlation import OP_TYPE, Correlation, emit_local_correlation
-from .shifted_slices import sliced_ranges
-from .symbolic import SHAPE_ARITHMETIC, folded_value, matches_at_every_size
+from ..base import Builder, attr_text, constant_value, static_shape
+from ..matching.shifted_slices import sliced_ranges
+from ..matching.reduction import AXES_BECOME_INPUT, read_reduction
+from ..matching.symbolic import SHAPE_ARITHMETIC, folded_value, matches_at_every_size
+from . import OP_TYPE, Correlation, emit_local_correlation
 
 SCATTERS = ("ScatterND", "ScatterElements")
 DATA_INPUTS: dict[str, tuple[int, ...] | None] = {
@@ -92,7 +92,6 @@ DATA_INPUTS: dict[str, tuple[int, ...] | None] = {
 }
 """Data-movement ops: which inputs carry the volume's data (None: all); the others are indices,
 shapes or axes, which must fold."""
-REDUCTIONS = {"ReduceMean": "mean", "ReduceSum": "sum"}
 MAX_VOLUME_ELEMENTS = 1 << 25
 """The largest volume (elements) whose labels are evaluated: 128 MiB of int32 labels."""
 
@@ -135,23 +134,11 @@ def _window(tensor: gs.Tensor, opset: int) -> Window | None:
     return Window(base, tuple(r[0] for r in ranges[2:]), tuple(r[2] for r in ranges[2:]))
 
 
-def _reduced_axes(node: gs.Node, rank: int, opset: int) -> frozenset[int] | None:
-    """The axes a ReduceMean/ReduceSum reduces (an input from opset 18, resp. 13; an attribute before)."""
-    if node.attrs.get("noop_with_empty_axes", 0):
-        return None
-    axes_are_input = opset >= (18 if node.op == "ReduceMean" else 13)
-    if axes_are_input:
-        axes = constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
-    else:
-        axes = node.attrs.get("axes")
-    return None if axes is None else frozenset(int(a) % rank for a in np.ravel(axes))
-
-
 def _term(tensor: gs.Tensor, opset: int) -> Term | None:
     """The term when `tensor` is `reduce(Reshape[N, G, C/G, *S](Mul(a, b)), axis 2)`, or for one group
     `reduce(Mul(a, b), axis 1)` (either keeping the reduced axis or not), a and b windows of one extent."""
     node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-    if node is None or node.op not in REDUCTIONS:
+    if node is None or node.op not in AXES_BECOME_INPUT:
         return None
     reduced = node.inputs[0]
     grouped = len(reduced.inputs) == 1 and reduced.inputs[0].op == "Reshape"
@@ -174,12 +161,13 @@ def _term(tensor: gs.Tensor, opset: int) -> Term | None:
             return None
     else:
         groups = 1
-    if _reduced_axes(node, len(view), opset) != frozenset({2 if grouped else 1}):
+    reduction = read_reduction(node, len(view), opset)
+    if reduction is None or reduction.axes != {2 if grouped else 1}:
         return None
     out = static_shape(tensor)
     if out is None or math.prod(out) != n * groups * math.prod(a.lengths):  # type: ignore[arg-type]
         return None
-    return Term(tensor, (a, b), groups, REDUCTIONS[node.op])
+    return Term(tensor, (a, b), groups, reduction.kind)
 
 
 def _is_zero_fill(tensor: gs.Tensor) -> bool:
@@ -577,7 +565,7 @@ def _has_scattered_products(graph: gs.Graph) -> bool:
     no volume to find, nor any reason to bind symbolic dims to trial sizes (which infers shapes
     through the whole graph, seconds for a large model with an unrelated ScatterND)."""
     for node in graph.nodes:
-        if node.op not in REDUCTIONS or len(node.inputs[0].inputs) != 1:
+        if node.op not in AXES_BECOME_INPUT or len(node.inputs[0].inputs) != 1:
             continue
         producer = node.inputs[0].inputs[0]
         if producer.op == "Reshape" and len(producer.inputs[0].inputs) == 1:
@@ -621,4 +609,3 @@ def recognize_scatter_volumes(graph: gs.Graph, opset: int) -> None:
     graph.cleanup()
 
 
-register_recognizer(recognize_scatter_volumes)

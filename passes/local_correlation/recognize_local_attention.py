@@ -15,7 +15,7 @@ or with einsums (`einsum('bhcxy,bhcxyk->bhxyk', q, k)`, `einsum('bhxyk,bhcxyk->b
 any operand and output order).
 
 What the exporters write for it (torch 2.13). dynamo (opset 18), static or symbolic dims: each
-unfold is what passes/recognize_tensor_unfold.py reads (`match_patches`: a zero Pad, one Gather per
+unfold is what dynamic_filter/recognize_tensor_unfold.py reads (`match_patches`: a zero Pad, one Gather per
 axis with index `[S, k]` = `p + j`, a Transpose moving the taps last), then a Reshape that splits
 the channels into heads and merges the taps:
 
@@ -46,7 +46,7 @@ taps only, is
     DynamicFilter(v, Reshape(Transpose(weights), [N, G, K, *S_out]), window of the unfold)   [N, C, *S_out]
 
 (G filter groups: every channel of a head is weighted alike), then a Reshape (and Transpose,
-Unsqueeze) to the layout the sum had. passes/recognize_tensor_unfold.py, registered after this
+Unsqueeze) to the layout the sum had. dynamic_filter/recognize_tensor_unfold.py, registered after this
 module, does not follow the Reshape into heads, so the value half is recognized here, whatever
 computed its weights. Local attention thus becomes two canonical nodes around its softmax.
 
@@ -76,14 +76,14 @@ from typing import Hashable, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import register_recognizer
-from .base import Builder, static_shape
-from .dynamic_filter import OP_TYPE as DYNAMIC_FILTER, shape_vector
-from .local_correlation import Correlation, emit_local_correlation
-from .local_functions import DOMAIN, add_function
-from .recognize_tensor_unfold import Patches, known_shape, match_patches
-from .symbolic import dims_across, local, matches_at_every_size
-from .unfold import einsum_use, reduce_sum_axes
+from ..base import Builder, static_shape
+from ..dynamic_filter import OP_TYPE as DYNAMIC_FILTER, shape_vector
+from ..dynamic_filter.recognize_tensor_unfold import Patches, known_shape, match_patches
+from ..local_functions import DOMAIN, add_function
+from ..matching.symbolic import dims_across, local, matches_at_every_size
+from ..matching.reduction import reduce_sum_axes
+from ..matching.unfold import einsum_use
+from . import Correlation, emit_local_correlation
 
 Axis = tuple[str, int]
 """What one axis of a view of unfolded patches holds: ("n", 0) batch, ("g", 0) heads, ("c", 0) the
@@ -390,4 +390,3 @@ def _replace_values(graph: gs.Graph, opset: int, per_trial: Sequence[AttentionMa
         _laid_out(b, heads, perm, units, output)
 
 
-register_recognizer(recognize_local_attention)

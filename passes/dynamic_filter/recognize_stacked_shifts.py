@@ -38,13 +38,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import register_recognizer
-from .base import Builder
-from .dynamic_filter import OP_TYPE as DYNAMIC_FILTER, SlidingWindow, shape_vector
-from .local_functions import DOMAIN, add_function
-from .shifted_slices import has_sliced_pad, kernel_window, only_use, shifted_slice, unsqueezed_axes
-from .symbolic import dims_across, local, matches_at_every_size
-from .unfold import reduce_sum_axes
+from ..base import Builder
+from ..local_functions import DOMAIN, add_function
+from ..matching.shifted_slices import has_sliced_pad, kernel_window, only_use, shifted_slice, unsqueezed_axes
+from ..matching.symbolic import dims_across, local, matches_at_every_size
+from ..matching.reduction import reduce_sum_axes
+from . import OP_TYPE as DYNAMIC_FILTER, SlidingWindow, shape_vector
 
 
 @dataclass(frozen=True)
@@ -189,4 +188,3 @@ def recognize_stacked_shifts(graph: gs.Graph, opset: int) -> None:
     graph.cleanup()
 
 
-register_recognizer(recognize_stacked_shifts)

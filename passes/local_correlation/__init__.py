@@ -87,14 +87,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import register
-from .base import (
+from ..base import (
     SLICE_TO_END,
     Builder,
     Dim,
     NotLowerable,
     OpFamily,
     SimpleVariant,
+    applies_to_any_shape,
     attr_text,
     float_dtype,
     onnx_dtype,
@@ -102,8 +102,8 @@ from .base import (
     static_shape,
     tap_windows,
 )
-from .dynamic_filter import dims_or_shape, shape_vector
-from .local_functions import DOMAIN, CanonicalOp, add_function, register_canonical_op
+from ..dynamic_filter import dims_or_shape, shape_vector
+from ..local_functions import DOMAIN, CanonicalOp, add_function, register_canonical_op
 
 OP_TYPE = "LocalCorrelation"
 REDUCTIONS = ("mean", "sum")
@@ -440,11 +440,6 @@ def _band(b: Builder, pairs: gs.Tensor, extent: int | gs.Tensor, reach: int, ste
     return b.slice(rows, [reach], [-SLICE_TO_END], [leading + 1], [step])
 
 
-def _any_shape(spec: LocalCorrelationSpec) -> str | None:
-    """Variants whose unknown dims are read off Shape at run time apply to every node."""
-    return None
-
-
 def _stacked_why_not(spec: LocalCorrelationSpec) -> str | None:
     dims = (spec.batch, spec.channels, *spec.spatial)
     if any(d is None for d in dims) or spec.dtype is None:
@@ -474,7 +469,7 @@ def _banded_matmul_why_not(spec: LocalCorrelationSpec) -> str | None:
 
 
 VARIANTS = (
-    SimpleVariant("shift_mul_reduce", _any_shape, build_shift_mul_reduce, "Pad B, then per displacement Slice * A, ReduceSum|Mean"),
+    SimpleVariant("shift_mul_reduce", applies_to_any_shape, build_shift_mul_reduce, "Pad B, then per displacement Slice * A, ReduceSum|Mean"),
     SimpleVariant("stacked_mul_reduce", _stacked_why_not, build_stacked_mul_reduce, "K shifted B stacked, one Mul * A, one ReduceSum"),
     SimpleVariant("banded_matmul", _banded_matmul_why_not, build_banded_matmul, "all pairs by MatMul per row, band by skew + Slice"),
 )
@@ -504,5 +499,5 @@ def emit_local_correlation(
     return y
 
 
-FAMILY = register(OpFamily(OP_TYPE, DOMAIN, make_spec, VARIANTS))
+FAMILY = OpFamily(OP_TYPE, DOMAIN, make_spec, VARIANTS)
 CANONICAL = register_canonical_op(CanonicalOp(OP_TYPE, ("A", "B"), resolved_attrs, overload_name, build_reference_body))

@@ -33,8 +33,8 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from convlower.shapes import UNNAMED_DIM_PARAMS, infer_shapes
 
-from .base import Dim, constant_value, static_shape
-from .local_functions import attach_functions
+from ..base import Dim, constant_value, static_shape
+from ..local_functions import attach_functions
 
 M = TypeVar("M")
 

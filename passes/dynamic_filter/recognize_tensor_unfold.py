@@ -65,12 +65,12 @@ from typing import Hashable, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import register_recognizer
-from .base import Builder, static_shape
-from .dynamic_filter import OP_TYPE as DYNAMIC_FILTER, SlidingWindow, shape_vector
-from .local_functions import DOMAIN, add_function
-from .symbolic import dims_across, folded_value, local, matches_at_every_size
-from .unfold import einsum_use, reduce_sum_axes, window_axis, zero_pads
+from ..base import Builder, static_shape
+from ..local_functions import DOMAIN, add_function
+from ..matching.symbolic import dims_across, folded_value, local, matches_at_every_size
+from ..matching.reduction import reduce_sum_axes
+from ..matching.unfold import einsum_use, window_axis, zero_pads
+from . import OP_TYPE as DYNAMIC_FILTER, SlidingWindow, shape_vector
 
 Axis = tuple[str, int]
 """What one axis of the patches holds: ("n", 0) batch, ("c", 0) channels, ("s", j) spatial axis j
@@ -476,4 +476,3 @@ def _canonical_filters(
     return b.reshape(transposed, shape_vector(b, target), out=canonical)
 
 
-register_recognizer(recognize_tensor_unfold_filters)

@@ -18,7 +18,7 @@ variant keeps the definition's NaN and ±inf pattern: ±inf or NaN in X or F giv
 outputs that the sum of products gives (see `bounded` for how `conv_unfold` does).
 
 The building blocks (padding, shifted slices, gathered windows, identity-kernel Conv) are shared
-with the Unfold family in `unfold.py`.
+with the Unfold family in `unfold/`.
 """
 
 from __future__ import annotations
@@ -31,9 +31,19 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import register
-from .base import Builder, Dim, NotLowerable, OpFamily, SimpleVariant, float_dtype, spec_key, static_shape, tap_windows
-from .local_functions import DOMAIN, CanonicalOp, register_canonical_op
+from ..base import (
+    Builder,
+    Dim,
+    NotLowerable,
+    OpFamily,
+    SimpleVariant,
+    applies_to_any_shape,
+    float_dtype,
+    spec_key,
+    static_shape,
+    tap_windows,
+)
+from ..local_functions import DOMAIN, CanonicalOp, register_canonical_op
 
 OP_TYPE = "DynamicFilter"
 SPATIAL_LETTERS = "hwdvuts"
@@ -212,7 +222,7 @@ def generic_spec(window: SlidingWindow) -> DynamicFilterSpec:
     return DynamicFilterSpec(op=OP_TYPE, **unknown_dims(window), groups=None)
 
 
-# --- building blocks, shared with unfold.py -------------------------------------------------------
+# --- building blocks, shared with unfold/ ---------------------------------------------------------
 
 
 def shape_vector(b: Builder, parts: Sequence[int | gs.Tensor]) -> gs.Tensor:
@@ -441,7 +451,7 @@ def build_nhwc_shift_sum(
     b.reshape(channels_first, shape_vector(b, [0, channels, *out_spatial]), out=outputs[0])
 
 
-def _conv_unfold_why_not(spec: DynamicFilterSpec) -> str | None:
+def conv_unfold_why_not(spec: WindowSpec) -> str | None:
     if spec.dtype != "float32":
         return f"onnxruntime's CPU Conv runs float32 only, not {spec.dtype}"
     if spec.channels is None:
@@ -449,17 +459,12 @@ def _conv_unfold_why_not(spec: DynamicFilterSpec) -> str | None:
     return None
 
 
-def _any_shape(spec: DynamicFilterSpec) -> str | None:
-    """Variants whose unknown dims are read off Shape at run time apply to every node."""
-    return None
-
-
 VARIANTS = (
-    SimpleVariant("shift_sum", _any_shape, build_shift_sum, "Pad, then Slice * filter plane per tap, summed"),
-    SimpleVariant("unfold_einsum", _any_shape, build_unfold_einsum, "Gather unfold + Einsum (seed 000 method_1)"),
-    SimpleVariant("conv_unfold", _conv_unfold_why_not, build_conv_unfold, "identity-kernel Conv unfold, Mul, ReduceSum"),
-    SimpleVariant("concat_shifts", _any_shape, build_concat_shifts, "Concat of shifted slices, Mul, ReduceSum"),
-    SimpleVariant("nhwc_shift_sum", _any_shape, build_nhwc_shift_sum, "shift_sum in channels-last layout"),
+    SimpleVariant("shift_sum", applies_to_any_shape, build_shift_sum, "Pad, then Slice * filter plane per tap, summed"),
+    SimpleVariant("unfold_einsum", applies_to_any_shape, build_unfold_einsum, "Gather unfold + Einsum (seed 000 method_1)"),
+    SimpleVariant("conv_unfold", conv_unfold_why_not, build_conv_unfold, "identity-kernel Conv unfold, Mul, ReduceSum"),
+    SimpleVariant("concat_shifts", applies_to_any_shape, build_concat_shifts, "Concat of shifted slices, Mul, ReduceSum"),
+    SimpleVariant("nhwc_shift_sum", applies_to_any_shape, build_nhwc_shift_sum, "shift_sum in channels-last layout"),
 )
 
 
@@ -470,5 +475,5 @@ def build_reference_body(
     build_shift_sum(b, generic_spec(SlidingWindow.from_attrs(attrs)), inputs, outputs)
 
 
-FAMILY = register(OpFamily(OP_TYPE, DOMAIN, make_spec, VARIANTS))
+FAMILY = OpFamily(OP_TYPE, DOMAIN, make_spec, VARIANTS)
 CANONICAL = register_canonical_op(CanonicalOp(OP_TYPE, ("X", "F"), resolved_attrs, overload_name, build_reference_body))

@@ -44,13 +44,12 @@ from typing import Hashable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import register_recognizer
-from .base import Builder, Reshape, Transpose, attr_text, constant_value, rearranged, static_shape
-from .dynamic_filter import SlidingWindow, dims_or_shape, shape_vector
-from .local_functions import DOMAIN, add_function
-from .pixel_adaptive_conv import OP_TYPE
-from .symbolic import dims_across, local, matches_at_every_size
-from .unfold import UnfoldMatch, same_dim, views_of, axis_kinds, find_unfolds
+from ..base import Builder, Reshape, Transpose, attr_text, constant_value, rearranged, static_shape
+from ..dynamic_filter import SlidingWindow, dims_or_shape, shape_vector
+from ..local_functions import DOMAIN, add_function
+from ..matching.symbolic import dims_across, local, matches_at_every_size
+from ..matching.unfold import UnfoldMatch, same_dim, views_of, axis_kinds, find_unfolds
+from . import OP_TYPE
 
 
 @dataclass(frozen=True)
@@ -255,4 +254,3 @@ def _canonical_weight(b: Builder, graph: gs.Graph, match: PacMatch, replaced: gs
     return rearranged_weight
 
 
-register_recognizer(recognize_pixel_adaptive_convs)

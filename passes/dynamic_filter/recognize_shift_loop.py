@@ -40,11 +40,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import register_recognizer
-from .base import Builder
-from .dynamic_filter import OP_TYPE as DYNAMIC_FILTER, SlidingWindow
-from .local_functions import DOMAIN, add_function
-from .shifted_slices import (
+from ..base import Builder
+from ..local_functions import DOMAIN, add_function
+from ..matching.shifted_slices import (
     ShiftedSlice,
     has_sliced_pad,
     kernel_window,
@@ -53,8 +51,9 @@ from .shifted_slices import (
     sliced_ranges,
     unsqueezed_axes,
 )
-from .symbolic import local, matches_at_every_size
-from .unfold import reduce_sum_axes
+from ..matching.symbolic import local, matches_at_every_size
+from ..matching.reduction import reduce_sum_axes
+from . import OP_TYPE as DYNAMIC_FILTER, SlidingWindow
 
 SUMS = ("Add", "Sum")
 FIRST_SPATIAL = 2
@@ -193,4 +192,3 @@ def recognize_shift_loops(graph: gs.Graph, opset: int) -> None:
     graph.cleanup()
 
 
-register_recognizer(recognize_shift_loops)
