@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from ..base import Builder
 from ..local_functions import DOMAIN, add_function
-from ..matching.symbolic import dims_across, local, matches_at_every_size
+from ..matching.symbolic import dims_across, local, matches_at_every_size, reshape_parts
 from ..matching.unfold import FilterUse, UnfoldMatch, axis_kinds, filter_uses, find_unfolds, has_unfold_transpose, views_of
 from . import OP_TYPE as DYNAMIC_FILTER, output_extents, shape_vector
 
@@ -94,29 +94,6 @@ def recognize_dynamic_filters(graph: gs.Graph, opset: int) -> None:
     graph.cleanup()
 
 
-def _shape_parts(
-    b: Builder, per_trial: Sequence[Sequence[int]], batches: Sequence[int], spatials: Sequence[Sequence[int]],
-    batch: gs.Tensor, extent: Sequence[int | gs.Tensor],
-) -> list[int | gs.Tensor] | None:
-    """A Reshape target that holds at every size, from the target found at each trial: per axis a
-    static size, the batch, one spatial axis of the output, or (once) all of them merged (-1).
-    None when an axis is none of these."""
-    parts: list[int | gs.Tensor] = []
-    for dims in zip(*per_trial):
-        spatial = [i for i in range(len(extent)) if all(d == s[i] for d, s in zip(dims, spatials))]
-        if all(d == dims[0] for d in dims):
-            parts.append(int(dims[0]))
-        elif all(d == n for d, n in zip(dims, batches)):
-            parts.append(batch)
-        elif spatial:
-            parts.append(extent[spatial[0]])
-        elif all(d == math.prod(s) for d, s in zip(dims, spatials)) and -1 not in parts:
-            parts.append(-1)
-        else:
-            return None
-    return parts
-
-
 def _canonical_filters(
     b: Builder, per_trial: Sequence[FilterMatch], filters: gs.Tensor, extent: Sequence[int | gs.Tensor]
 ) -> gs.Tensor:
@@ -182,7 +159,7 @@ def _replace_with_dynamic_filter(graph: gs.Graph, opset: int, per_trial: Sequenc
     targets = []
     for op, values in steps:
         if op == "Reshape":
-            parts = _shape_parts(b, values, [m.unfold.batch for m in per_trial],  # type: ignore[arg-type]
+            parts = reshape_parts(values, [m.unfold.batch for m in per_trial],  # type: ignore[arg-type]
                                  [m.unfold.out_spatial for m in per_trial], batch, extent)
             if parts is None:
                 return

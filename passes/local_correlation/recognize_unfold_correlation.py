@@ -80,10 +80,9 @@ import onnx_graphsurgeon as gs
 from ..base import Builder, static_shape
 from ..dynamic_filter import shape_vector
 from ..matching.reduction import read_reduction
-from ..matching.symbolic import dims_across, folded_value, has_symbolic_inputs, local, matches_at_every_size
+from ..matching.symbolic import dims_across, folded_value, has_symbolic_inputs, local, matches_at_every_size, reshape_parts
 from ..matching.unfold import (
     UnfoldMatch,
-    _shape_parts,
     axis_kinds,
     einsum_use,
     has_unfold_transpose,
@@ -430,7 +429,7 @@ def _replace(graph: gs.Graph, opset: int, per_trial: Sequence[UnfoldCorrelationM
         spatial = dims_across(*(m.spatial for m in per_trial))
         extent = [d if d is not None else b.shape(a, 2 + j, 3 + j) for j, d in enumerate(spatial)]
         batches, spatials = [m.batch for m in per_trial], [m.spatial for m in per_trial]
-        parts = _shape_parts(b, naturals, batches, spatials, b.shape(a, 0, 1), extent)
+        parts = reshape_parts(naturals, batches, spatials, b.shape(a, 0, 1), extent)
         if parts is None:
             return
         steps.append(("Reshape", shape_vector(b, parts)))

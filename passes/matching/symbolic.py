@@ -23,6 +23,7 @@ read at run time.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Hashable, Iterable, Sequence, TypeVar
 
 import numpy as np
@@ -296,3 +297,26 @@ def dims_across(*shapes: Sequence[int]) -> tuple[int | None, ...]:
 def local(graph: gs.Graph, tensor: gs.Tensor) -> gs.Tensor:
     """`graph`'s own tensor with the same name as `tensor` (which may belong to a trial graph)."""
     return graph.tensors()[tensor.name]
+
+
+def reshape_parts(
+    per_trial: Sequence[Sequence[int]], batches: Sequence[int], spatials: Sequence[Sequence[int]],
+    batch: gs.Tensor, extent: Sequence[int | gs.Tensor],
+) -> list[int | gs.Tensor] | None:
+    """A Reshape target that holds at every size, from the target found at each trial: per axis a
+    static size, the batch, one spatial axis of the output, or (once) all of them merged (-1).
+    None when an axis is none of these."""
+    parts: list[int | gs.Tensor] = []
+    for dims in zip(*per_trial):
+        spatial = [i for i in range(len(extent)) if all(d == s[i] for d, s in zip(dims, spatials))]
+        if all(d == dims[0] for d in dims):
+            parts.append(int(dims[0]))
+        elif all(d == n for d, n in zip(dims, batches)):
+            parts.append(batch)
+        elif spatial:
+            parts.append(extent[spatial[0]])
+        elif all(d == math.prod(s) for d, s in zip(dims, spatials)) and -1 not in parts:
+            parts.append(-1)
+        else:
+            return None
+    return parts
