@@ -49,6 +49,7 @@ PASSWORD_VARIABLES = ("CONVLOWER_REDIS_PASSWORD", "REDIS_PASSWORD")
 KEY_FIELDS = ("problem", "variant", "provider", "device", "onnxruntime", "threads")
 """The parts of an entry's key, in order (`TuningCache.key(tuning_key, variant, *environment)`)."""
 _OUTCOME_FIELDS = {"status": str, "ms": float, "max_abs_err": float, "reason": str}
+_PAIR_FIELDS = ("ratio", "interval", "confidence", "rounds", "a_median_ms", "b_median_ms")
 _STATUSES = ("ok", "rejected")
 """The statuses `tune_node` measures (not_applicable and skipped are decided afresh, never stored)."""
 
@@ -64,14 +65,29 @@ class CacheWarning(ConvlowerWarning):
 
 
 def valid_entry(value: Any) -> bool:
-    """Whether `value` is an entry convlower writes: the original's `{"ms": T}`, or a variant's
-    outcome (`VariantOutcome.to_dict()`: a status and optionally ms, max_abs_err and reason)."""
+    """Whether `value` is an entry convlower writes: the original's `{"ms": T}`, a variant's
+    outcome (`VariantOutcome.to_dict()`: a status and optionally ms, max_abs_err and reason), or a
+    whole-model measurement (`convlower.measure`: `{"pairs": [PairedRatio.to_dict(), ...]}`)."""
     if not isinstance(value, dict):
         return False
+    if "pairs" in value:
+        return set(value) == {"pairs"} and isinstance(value["pairs"], list) and bool(value["pairs"]) and all(
+            map(_valid_pair, value["pairs"]))
     if "status" not in value:
         return set(value) == {"ms"} and _number(value["ms"])
     return value["status"] in _STATUSES and set(value) <= set(_OUTCOME_FIELDS) and all(
         _number(v) if _OUTCOME_FIELDS[k] is float else isinstance(v, str) for k, v in value.items())
+
+
+def _valid_pair(value: Any) -> bool:
+    """A `PairedRatio.to_dict()`: a positive ratio inside its interval, a confidence, rounds, both medians."""
+    if not isinstance(value, dict) or not set(_PAIR_FIELDS) <= set(value) <= set(_PAIR_FIELDS) | {"cached"}:
+        return False
+    interval = value["interval"]
+    if not (isinstance(interval, list) and len(interval) == 2 and all(map(_number, interval))):
+        return False
+    numbers = [value[name] for name in _PAIR_FIELDS if name != "interval"]
+    return all(map(_number, numbers)) and 0 < value["confidence"] < 1 and value["ratio"] > 0 and interval[0] <= interval[1]
 
 
 def _number(value: Any) -> bool:

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     confirm.add_argument("--no-confirm", action="store_true",
                          help="trust the per-node timings: skip confirming each group's choice in context")
     p.add_argument("--no-guard", action="store_true", help="skip the whole-model check and timing (and the confirmation)")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="bound the whole run: write the best verified model found in this time; the report lists what was not tried")
     p.add_argument("--force", action="store_true", help="allow the output to overwrite the input")
 
     p = sub.add_parser("verify", help="check two models compute the same outputs (exit 0 equal, 1 not)")
@@ -158,6 +160,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         args.model, input_shapes=_profiles(args.input_shape), inputs=args.inputs, provider=args.provider,
         threads=args.threads, cache=cache, variants=args.variants, atol=args.atol, rtol=args.rtol,
         guard=not args.no_guard, confirm=False if args.no_confirm else args.confirm, progress=sys.stderr.isatty(),
+        budget=args.budget,
     )
     save_model(result.model, out, protect=args.model, force=args.force)
     write_text_atomic(report_path, result.report.to_json())

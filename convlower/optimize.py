@@ -17,10 +17,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
-from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -36,6 +36,7 @@ from .cache import TuningCache, default_cache_path
 from .context import InNeighbourhood, NoNeighbourhood
 from .errors import UsageError
 from .inputs import Feeds, feeds_shapes
+from .measure import Deadline, Measurements, Runs, Stopwatch, model_digest
 from .modelio import ModelLike, default_opset, load_model
 from .report import NodeReport, Report
 from .rewrite import PlannedNode, all_graphs, apply_choices, finish, import_graph, plan_nodes, unlowered_conv_ops
@@ -69,6 +70,15 @@ CONTEXT_POLICY = PairedPolicy(min_rounds=10, max_rounds=200, budget_s=3.0, confi
 DUEL_POLICY = PairedPolicy(min_rounds=10, max_rounds=200, budget_s=2.0, confidence=0.95, precision=0.02)
 """Two near-tie variants of a kept group in the model: only which is faster matters, and a true tie
 spends the whole budget before the registry's order decides."""
+
+RESOLVABLE_GAIN = CONFIRM_MIN_GAIN / 2
+"""A group whose predicted gain (its nodes' time saved alone) is below this share of the whole
+model's time is not confirmed on its own: a confirmation resolves gains of `CONFIRM_MIN_GAIN`, and
+such a group could only pass by chance. The small groups are confirmed together, after the others."""
+TUNING_SHARE = 0.5
+CONFIRMATION_SHARE = 0.75
+"""With a `budget`, tuning starts no new group past this share of it, nor confirmation past that
+share: the rest is the guard's, so that what is written is verified."""
 
 USE_DEFAULT_CACHE = object()
 
@@ -129,6 +139,7 @@ def optimize(
     guard: bool = True,
     confirm: bool | str = "model",
     progress: bool = False,
+    budget: float | None = None,
 ) -> OptimizeResult:
     """Tune every Conv-like node on onnxruntime and return the fastest verified model with a report.
 
@@ -142,12 +153,20 @@ def optimize(
     "model" (or True) in the whole model, "neighbours" in a micro-model of the group's fusable
     neighbourhood (`convlower.context`), False nowhere (the guard only). With `guard=False` the
     whole model is neither verified nor timed (each node still is), nor are the choices confirmed.
+    `budget` (seconds) bounds the whole run: tuning starts no group past `TUNING_SHARE` of it,
+    confirmation none past `CONFIRMATION_SHARE`, and the guard checks what was found in what is
+    left, so the model returned is verified; the groups left out are listed in `report.budget`.
+    Whole-model measurements go to the cache with the node tunings (`convlower.measure`): a re-run
+    of an unchanged model with a warm cache times nothing.
     """
+    clock, deadline = Stopwatch(), Deadline(_check_budget(budget))
     method = confirm_method(confirm)
     proto = inline_foreign_functions(load_model(model))
     allowed = parse_variant_filter(variants)
     runner = Runner(provider, threads, quiet=True)
     report = Report(runner.provider, runner.device, threads)
+    if budget is not None:
+        report.budget["seconds"] = budget
     if runner.notice:
         report.notices.append(runner.notice)
     infos = graph_inputs(proto)
@@ -169,18 +188,27 @@ def optimize(
     groups = _group(planned, static, report)
     report.unlowered_ops = unlowered_conv_ops(proto)
     timing_feeds = [input_sets(proto, input_shapes=shapes, inputs=feeds, runs=1, seed=1234)[0] for shapes in profiles]
-    if guard:
-        runner = tune_settings(proto, runner, timing_feeds, report)
     cache_store = TuningCache.open(default_cache_path() if cache is USE_DEFAULT_CACHE else cache)  # type: ignore[arg-type]
-    environment = [runner.settings.label(), runner.device, report.onnxruntime, threads]
+    measure = Measurements(cache_store, model_digest(proto), [report.profiles, _feeds_digest(feeds)],
+                           _environment(runner, report, threads))
+    clock.lap("recognition")
+    if guard:
+        runner = tune_settings(proto, runner, timing_feeds, report, measurements=measure)
+        measure.environment = _environment(runner, report, threads)
+        clock.lap("settings")
+    environment = measure.environment
 
-    started = time.perf_counter()
     tuned: dict[str, NodeTuning] = {}
     timed = 0
     with _progress(progress) as bar:
         task = bar.add_task("tuning", total=len(groups))
         for members in groups.values():
             entry, node_shapes = members[0]
+            if deadline.share(TUNING_SHARE).spent():
+                report.nodes.extend(NodeReport(member.name, member.op, _shape_text(shapes[0]), spec_dict(member.spec), ORIGINAL,
+                                               None, reason=f"not tuned: {deadline.describe()}") for member, shapes in members)
+                report.budget.setdefault("not_tuned", []).extend(member.name for member, _ in members)
+                continue
             bar.update(task, description=f"tuning {entry.op} {entry.name}"[:48])
             for shapes in node_shapes:
                 key = tuning_key(entry.spec, shapes)
@@ -205,27 +233,55 @@ def optimize(
     cache_store.save()
     order = {entry.name: index for index, entry in enumerate(planned)}
     report.nodes.sort(key=lambda n: order[n.name])
-    report.tuning = {"seconds": round(time.perf_counter() - started, 3), "distinct_specs": len(tuned),
+    report.tuning = {"seconds": clock.lap("tuning"), "distinct_specs": len(tuned),
                      "timed": timed, "cached": len(tuned) - timed, "cache": cache_store.describe()}
-    if cache_store.errors:
-        report.tuning["cache_errors"] = cache_store.errors
 
     choices = {n.name: n.chosen for n in report.nodes if n.chosen != ORIGINAL}
     if method and guard:
         members = {key: [entry.name for entry, _ in group] for key, group in groups.items()}
-        confirming = time.perf_counter()
-        choices = _confirm_in_context(proto, choices, members, report, runner, timing_feeds, method)
-        report.tuning["confirm_seconds"] = round(time.perf_counter() - confirming, 3)
+        choices = _confirm_in_context(proto, choices, members, report, runner, timing_feeds, method,
+                                      measurements=measure, deadline=deadline.share(CONFIRMATION_SHARE))
+        report.tuning["confirm_seconds"] = clock.lap("confirmation")
     optimized = apply_choices(proto, choices) if choices else proto
     if guard:
-        optimized = _guard(proto, optimized, choices, report, runner, profiles, feeds, timing_feeds, atol, rtol)
+        optimized = _guard(proto, optimized, choices, report, runner, profiles, feeds, timing_feeds, atol, rtol,
+                           measurements=measure, deadline=deadline)
         runner = _try_cuda_graph(optimized, runner, timing_feeds, report, atol, rtol)
+        clock.lap("guard")
     else:
         report.verification = {"skipped": True}
+    cache_store.save()
+    if cache_store.errors:
+        report.tuning["cache_errors"] = cache_store.errors
+    report.measurements = {"timed": measure.timed, "cached": measure.cached}
+    report.timing = clock.stages
     report.session_settings["chosen"] = runner.settings.to_dict()
     written = _record_profiles(optimized, profiles)
     record_settings(written, runner.settings)
     return OptimizeResult(written, report)
+
+
+def _environment(runner: Runner, report: Report, threads: int | None) -> list[object]:
+    """What a measurement's cache key ends with: the session settings, device, onnxruntime, threads."""
+    return [runner.settings.label(), runner.device, report.onnxruntime, threads]
+
+
+def _feeds_digest(feeds: Feeds) -> str | None:
+    """A digest of the arrays given with `inputs` (None without): measurements on other values are other keys."""
+    if not feeds:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(feeds):
+        array = np.ascontiguousarray(feeds[name])
+        digest.update(f"{name}|{array.dtype}|{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _check_budget(budget: float | None) -> float | None:
+    if budget is not None and not budget > 0:
+        raise UsageError(f"--budget {budget:g} is not a positive number of seconds", "give the seconds optimize may take, like --budget 30")
+    return budget
 
 
 def _record_profiles(model: onnx.ModelProto, profiles: list[dict[str, tuple[int, ...]]]) -> onnx.ModelProto:
@@ -244,6 +300,7 @@ def _record_profiles(model: onnx.ModelProto, profiles: list[dict[str, tuple[int,
 def tune_settings(
     model: onnx.ModelProto, runner: Runner, timing_feeds: list[Feeds], report: Report,
     candidates: list[tuple[str, SessionSettings | None, str | None]] | None = None,
+    measurements: Measurements | None = None,
 ) -> Runner:
     """The runner with the session settings that make `model` fastest (`convlower.settings`).
 
@@ -251,7 +308,9 @@ def tune_settings(
     is faster with it by `CONFIRM_MIN_GAIN`, with confidence, at every profile's inputs, so that
     node tuning, confirmation and the guard all measure against the best-configured original.
     CUDA graphs are left to `_try_cuda_graph`, on the model written. Every try, and why a
-    setting did not apply or failed, goes to `report.session_settings["tried"]`."""
+    setting did not apply or failed, goes to `report.session_settings["tried"]`. A setting measured
+    before on the same model, inputs and environment is read from `measurements`' cache."""
+    measure = measurements or Measurements.in_memory(model)
     tried = report.session_settings.setdefault("tried", [])
     found = settings_candidates(runner.settings, model, len(timing_feeds)) if candidates is None else candidates
     for name, candidate, why_not in found:
@@ -261,16 +320,18 @@ def tune_settings(
             tried.append({"setting": name, "status": "not_applicable", "reason": why_not})
             continue
         trial = runner.with_settings(candidate)
+
+        def runs(trial: Runner = trial, name: str = name) -> tuple[Runs, Runs]:
+            after = trial.session(model, what=f"the model with {name}")
+            before = runner.session(model)  # made last: any edge a later session has goes to the baseline
+            return [before.runner_for(f) for f in timing_feeds], [after.runner_for(f) for f in timing_feeds]
+
         try:
-            after_session = trial.session(model, what=f"the model with {name}")
-            after = [after_session.runner_for(f) for f in timing_feeds]
-            before_session = runner.session(model)  # made last: any edge a later session has goes to the baseline
-            before = [before_session.runner_for(f) for f in timing_feeds]
+            pairs = measure.paired(f"setting {name}", runner.settings.to_dict(), candidate.to_dict(), runs,
+                                   CONTEXT_POLICY, 1 - CONFIRM_MIN_GAIN)
         except UsageError as exc:
             tried.append({"setting": name, "status": "rejected", "reason": exc.what})
             continue
-        pairs = [time_paired(b, a, CONTEXT_POLICY, threshold=1 - CONFIRM_MIN_GAIN) for b, a in zip(before, after)]
-        del after_session, before_session, after, before
         kept = _clear_gain(pairs, CONFIRM_MIN_GAIN)
         tried.append({"setting": name, "status": "ok", "kept": kept, "settings": candidate.to_dict(), **pairs[0].to_dict()})
         if kept:
@@ -489,8 +550,6 @@ def _shape_text(shapes: dict[str, tuple[int, ...]]) -> str:
 
 
 CONFIRM_METHODS = ("model", "neighbours")
-Runs = list[Callable[[], object]]
-"""One zero-argument run per profile of a model in context (the whole model or a neighbourhood)."""
 
 
 def confirm_method(confirm: bool | str | None) -> str | None:
@@ -514,19 +573,29 @@ def _confirm_in_context(
     runner: Runner,
     timing_feeds: list[Feeds],
     method: str = "model",
+    *,
+    measurements: Measurements | None = None,
+    deadline: Deadline | None = None,
 ) -> dict[str, str]:
-    """The choices that also win in context, confirmed one tuning group at a time.
+    """The choices that also win in context: all together first, then one tuning group at a time.
 
     A node timed alone is not the node onnxruntime runs: on CPU it fuses a Conv with the
     activation or residual Add after it and keeps chains of Conv in its blocked NCHWc layout, and
-    a node lowered to MatMul in the middle of a chain loses both and pays layout conversions. So
-    each group of identical nodes (largest predicted gain first) is added to the choices kept so
-    far only when the model with it is faster than the model without it by `CONFIRM_MIN_GAIN`,
-    with confidence (`_clear_gain`), twice: a group that passes is timed again in sessions made
-    anew, and kept only if it passes again. Across dozens of groups with no real gain, one
-    passing by chance in a run was common (the guard then reverted it); twice by chance is rare.
-    The second measurement, made after the group was picked, is also the one the prediction
-    uses: the first is biased toward gain by the picking itself.
+    a node lowered to MatMul in the middle of a chain loses both and pays layout conversions.
+
+    Group testing: the groups that won alone are first timed all together in the whole model
+    against the model without them. A set that is not faster by `CONFIRM_MIN_GAIN`, with
+    confidence, ends the confirmation there: every group goes back to the original with that
+    measurement as its reason (on models where nothing wins, one measurement instead of one per
+    group). A set that wins is split: each group of identical nodes (largest predicted gain first)
+    is added to the choices kept so far only when the model with it is faster than the model
+    without it by `CONFIRM_MIN_GAIN`, with confidence (`_clear_gain`), twice: a group that passes
+    is timed again in sessions made anew, and kept only if it passes again. Across dozens of
+    groups with no real gain, one passing by chance in a run was common (the guard then reverted
+    it); twice by chance is rare. The second measurement, made after the group was picked, is also
+    the one the prediction uses: the first is biased toward gain by the picking itself. Groups
+    whose predicted gain is below `RESOLVABLE_GAIN` of the model's time, which no confirmation
+    could tell from noise alone, are confirmed last, all of them as one.
 
     Which variant: node times within `NEAR_TIE` of each other do not say which is faster in the
     model, so once a group's choice is confirmed, the variants near it meet it in the model, two
@@ -536,45 +605,73 @@ def _confirm_in_context(
     models against each other, which is cheaper and more precise than timing each against a
     slow original; a group that loses in context has none.
 
-    The context is the whole model (`method` "model", `_InModel`) or one micro-model of the
-    group's fusable neighbourhoods (`method` "neighbours", `convlower.context.InNeighbourhood`,
-    the choices kept so far applied inside it; a group with a node in an If/Loop/Scan body is
-    confirmed in the whole model).
+    The context of one group is the whole model (`method` "model", `_InModel`) or one micro-model
+    of the group's fusable neighbourhoods (`method` "neighbours", `convlower.context.InNeighbourhood`,
+    the choices kept so far applied inside it; a group with a node in an If/Loop/Scan body, and
+    the set of all groups, are confirmed in the whole model).
+
+    Every measurement goes through `measurements` (`convlower.measure`): one made before on the
+    same model, choices, inputs and environment is read from the cache, not timed. With a
+    `deadline` spent, the groups not yet confirmed go back to the original, saying so.
 
     Each group's in-context ratio (at the first profile; every profile's under "profiles") and
     the method that measured it go to its nodes' reports (`context`); a group that loses in
     context goes back to the original with the measured ratio as its reason, so the guard does
-    not have to revert it.
+    not have to revert it. The set's measurement goes to `report.confirmation["together"]`.
     """
     candidates = {key: [name for name in names if name in choices] for key, names in members.items()}
     candidates = {key: names for key, names in candidates.items() if names}
+    if not candidates:
+        return {}
+    measure = measurements or Measurements.in_memory(original)
     by_name = {n.name: n for n in report.nodes}
     gain = {key: sum((by_name[n].original_ms or 0) - (by_name[n].chosen_ms or 0) for n in names) for key, names in candidates.items()}
     whole = _InModel(original, runner, timing_feeds)
     static = [with_static_inputs(original, feeds_shapes(f)) for f in timing_feeds] if method == "neighbours" else []
+    order = sorted(candidates, key=gain.__getitem__, reverse=True)
+    units = [[key] for key in order]
+    report.confirmation["groups"] = len(order)
+    if len(order) > 1:
+        everything = {name: choices[name] for key in order for name in candidates[key]}
+        together = _compare(measure, "together", whole, {}, everything, deadline)
+        won = _clear_gain(together, CONFIRM_MIN_GAIN)
+        report.confirmation["together"] = {**together[0].to_dict(), "kept": won}
+        if not won:
+            _record_context(by_name, everything, together, {}, whole.method, [], groups=len(order))
+            return {}
+        units = _units(order, gain, together[0].a.median_ms)
     kept: dict[str, str] = {}
-    for key in sorted(candidates, key=gain.__getitem__, reverse=True):
-        names = candidates[key]
-        where = (_in_neighbourhood(static, names, runner) if static else None) or whole
-
-        def trial(variant: str) -> Runs:
-            return where.runs({**kept, **{name: variant for name in names}})
-
-        contenders = _contenders(by_name[names[0]])
-        best, best_runs = contenders[0], trial(contenders[0])
-        pairs = _against_baseline(where, kept, best_runs)
+    for unit in units:
+        names = [name for key in unit for name in candidates[key]]
+        if deadline is not None and deadline.spent():
+            _not_confirmed(by_name, names, deadline)
+            continue
+        alone = len(unit) == 1
+        where = (_in_neighbourhood(static, names, runner) if static and alone else None) or whole
+        contenders = _contenders(by_name[names[0]]) if alone else []
+        proposal = dict.fromkeys(names, contenders[0]) if alone else {name: choices[name] for name in names}
+        pairs = _compare(measure, "confirm", where, kept, {**kept, **proposal}, deadline)
         duels: dict[str, dict[str, object]] = {}
         first: list[PairedRatio] = []
         if _clear_gain(pairs, CONFIRM_MIN_GAIN):
+            best = contenders[0] if alone else None
             for challenger in contenders[1:]:
-                best, best_runs, duels[challenger] = _duel(best, best_runs, challenger, trial(challenger))
+                best, duels[challenger] = _duel(measure, where, kept, names, best, challenger, deadline)
+            if best is not None:
+                proposal = dict.fromkeys(names, best)
             first = pairs
-        del best_runs  # a big model's weights: at most two sessions alive at once
-        if first:
-            pairs = _against_baseline(where, kept, trial(best))
-        if _record_context(by_name, names, best, pairs, duels, where.method, first):
-            kept.update({name: best for name in names})
+            pairs = _compare(measure, "replicate", where, kept, {**kept, **proposal}, deadline)
+        if _record_context(by_name, proposal, pairs, duels, where.method, first, groups=len(unit)):
+            kept.update(proposal)
     return kept
+
+
+def _units(order: list[str], gain: dict[str, float], model_ms: float) -> list[list[str]]:
+    """The groups to confirm one at a time (predicted gain at least `RESOLVABLE_GAIN` of the
+    model's `model_ms`, largest first), then the rest as one unit."""
+    large = [key for key in order if gain[key] >= RESOLVABLE_GAIN * model_ms]
+    small = [key for key in order if key not in large]
+    return [[key] for key in large] + ([small] if small else [])
 
 
 class _InModel:
@@ -601,21 +698,29 @@ def _in_neighbourhood(static: list[onnx.ModelProto], names: list[str], runner: R
         return None
 
 
-def _against_baseline(where: "_InModel | InNeighbourhood", kept: dict[str, str], runs: Runs) -> list[PairedRatio]:
-    """`runs` timed against the context with only the choices kept so far, at every profile. That
-    context is the model as given until a group is kept, so recognition's own effect is in the
-    first factor; its session is made last, so any edge a later-made session has goes to it."""
-    baseline = where.runs(kept)
-    return [time_paired(before, after, CONTEXT_POLICY, threshold=1 - CONFIRM_MIN_GAIN) for before, after in zip(baseline, runs)]
+def _compare(measure: Measurements, what: str, where: "_InModel | InNeighbourhood", before: dict[str, str],
+             after: dict[str, str], deadline: Deadline | None, policy: PairedPolicy = CONTEXT_POLICY,
+             threshold: float = 1 - CONFIRM_MIN_GAIN) -> list[PairedRatio]:
+    """The context with the choices `after` timed against it with the choices `before`, at every
+    profile (`what` tells a confirmation from its replicate in the cache). The `before` side is
+    made last, so any edge a later-made session has goes to it. Until a group is kept, `before` is
+    the model as given, so recognition's own effect is in the first factor."""
+
+    def runs() -> tuple[Runs, Runs]:
+        made_first = where.runs(after)
+        return where.runs(before), made_first
+
+    return measure.paired(f"{what} in {where.method}", before, after, runs, _within(policy, deadline), threshold)
 
 
-def _duel(incumbent: str, incumbent_runs: Runs, challenger: str, challenger_runs: Runs) -> tuple[str, Runs, dict[str, object]]:
-    """The winner of two variants of one group, each in context, and the record of the duel: the
-    challenger wins only when faster with confidence at every profile."""
-    pairs = [time_paired(a, b, DUEL_POLICY, threshold=1.0) for a, b in zip(incumbent_runs, challenger_runs)]
+def _duel(measure: Measurements, where: "_InModel | InNeighbourhood", kept: dict[str, str], names: list[str],
+          incumbent: str, challenger: str, deadline: Deadline | None) -> tuple[str, dict[str, object]]:
+    """The winner of two variants of one group, each in context with the choices kept so far, and
+    the record of the duel: the challenger wins only when faster with confidence at every profile."""
+    pairs = _compare(measure, "duel", where, {**kept, **dict.fromkeys(names, incumbent)},
+                     {**kept, **dict.fromkeys(names, challenger)}, deadline, DUEL_POLICY, 1.0)
     won = all(p.high < 1 for p in pairs)
-    record = {"against": incumbent, "won": won, **pairs[0].to_dict()}
-    return (challenger, challenger_runs, record) if won else (incumbent, incumbent_runs, record)
+    return (challenger if won else incumbent), {"against": incumbent, "won": won, **pairs[0].to_dict()}
 
 
 def _contenders(node: NodeReport) -> list[str]:
@@ -645,16 +750,30 @@ def _contenders(node: NodeReport) -> list[str]:
     return [variant for variant in node.variants if variant in picked]
 
 
-def _record_context(by_name: dict[str, NodeReport], names: list[str], best: str, pairs: list[PairedRatio],
-                    duels: dict[str, dict[str, object]], method: str, first: list[PairedRatio]) -> bool:
-    """Whether the group is kept, and each node's `context`: the in-context ratio of `best` against
-    the context without it, the method (where it was measured), the duels that chose it, and the
-    reason when the group went back to the original or changed variant in context. `first` is the measurement a kept group
-    passed before its replicate `pairs` (under "first"). A neighbourhood's context also has
-    "saved_ms", the milliseconds the choice saved there, from which `Report.predicted_speedup`
-    predicts the whole model."""
+def _within(policy: PairedPolicy, deadline: Deadline | None) -> PairedPolicy:
+    """`policy` with its budget cut to what the deadline leaves (a quarter of a second at least)."""
+    if deadline is None or deadline.left() >= policy.budget_s:
+        return policy
+    return replace(policy, budget_s=max(0.25, deadline.left()))
+
+
+def _record_context(by_name: dict[str, NodeReport], proposal: dict[str, str], pairs: list[PairedRatio],
+                    duels: dict[str, dict[str, object]], method: str, first: list[PairedRatio], *, groups: int = 1) -> bool:
+    """Whether the choices in `proposal` (node name -> variant: one group, or several confirmed as
+    one) are kept, and each node's `context`: the in-context ratio against the context without
+    them, the method (where it was measured), the duels that chose a group's variant, and the
+    reason when the nodes went back to the original or changed variant in context. `first` is
+    the measurement a kept group passed before its replicate `pairs` (under "first"); `groups`
+    counts the groups measured together (under "groups" when more than one). A neighbourhood's
+    context also has "saved_ms", the milliseconds the choice saved there, from which
+    `Report.predicted_speedup` predicts the whole model."""
     kept = _clear_gain(pairs, CONFIRM_MIN_GAIN)
-    context: dict[str, object] = {**pairs[0].to_dict(), "kept": kept, "variant": best, "method": method}
+    context: dict[str, object] = {**pairs[0].to_dict(), "kept": kept, "method": method}
+    variants = set(proposal.values())
+    if len(variants) == 1:
+        context["variant"] = next(iter(variants))
+    if groups > 1:
+        context["groups"] = groups
     if method == "neighbours":
         context["saved_ms"] = round(pairs[0].a.median_ms * (1 - pairs[0].ratio), 6)
     where = "in its neighbourhood" if method == "neighbours" else "in the whole model"
@@ -666,17 +785,27 @@ def _record_context(by_name: dict[str, NodeReport], names: list[str], best: str,
         context["first"] = first[0].to_dict()
     worst = max(pairs, key=lambda p: p.high)
     measured = f"time ratio {worst.ratio:.3f}, {worst.confidence:.0%} interval {worst.low:.3f}-{worst.high:.3f}"
-    for name in names:
+    together = f" together with {groups - 1} other group(s)" if groups > 1 else ""
+    for name, variant in proposal.items():
         node = by_name[name]
         node.context = context
         if not kept:
-            node.reason = (f"{best} won alone and once {where}, but not again ({measured})" if first
-                           else f"{best} won alone but not {where} ({measured})")
+            node.reason = (f"{variant} won alone and once {where}{together}, but not again ({measured})" if first
+                           else f"{variant} won alone but not {where}{together} ({measured})")
             node.chosen = ORIGINAL
-        elif best != node.chosen:
-            node.reason = f"{best} chosen over {node.chosen}, which was faster alone: {best} was faster {where}"
-            node.chosen = best
+        elif variant != node.chosen:
+            node.reason = f"{variant} chosen over {node.chosen}, which was faster alone: {variant} was faster {where}"
+            node.chosen = variant
     return kept
+
+
+def _not_confirmed(by_name: dict[str, NodeReport], names: list[str], deadline: Deadline) -> None:
+    """Nodes whose group the budget left no time to confirm go back to the original, saying so."""
+    for name in names:
+        node = by_name[name]
+        node.reason = f"{node.chosen} won alone, not confirmed in context: {deadline.describe()}"
+        node.chosen = ORIGINAL
+
 
 
 def _guard(
@@ -690,6 +819,9 @@ def _guard(
     timing_feeds: list[Feeds],
     atol: float | None,
     rtol: float | None,
+    *,
+    measurements: Measurements | None = None,
+    deadline: Deadline | None = None,
 ) -> onnx.ModelProto:
     """Keep `optimized` only if it agrees with `original` and is faster; else revert choices.
 
@@ -703,11 +835,14 @@ def _guard(
     check's ratio and interval go to `report.guard_timings`. A candidate not shown faster loses
     its choice of least predicted gain, and after `GUARD_ROUNDS` such rounds all the rest. Each
     round either returns or reverts at least one choice, so it ends. With no choice at all
-    nothing runs: `{"unchanged": true}`.
+    nothing runs: `{"unchanged": true}`. Outputs are compared on every run; the timing comes from
+    `measurements`, so an unchanged model with the same choices is not timed again (`cached` in
+    its guard timing), and its budget is cut to what `deadline` leaves.
     """
     if not choices:
         report.verification = {"unchanged": True}
         return original
+    measure = measurements or Measurements.in_memory(original)
     choices = dict(choices)
     gains = {n.name: (n.original_ms or 0) - (n.chosen_ms or 0) for n in report.nodes if n.name in choices}
     while choices:
@@ -723,17 +858,19 @@ def _guard(
             _revert(report, list(choices), f"the optimized model's outputs disagree with the original's: {reason}")
             return original
         report.verification = {"passed": True, "unchanged": False, **errors}
-        after = runner.session(optimized)
-        before = runner.session(original)  # made last: any edge a later session has goes to the original
-        pairs = [time_paired(before.runner_for(f), after.runner_for(f), MODEL_POLICY, threshold=1 - MODEL_MIN_GAIN)
-                 for f in timing_feeds]
+
+        def runs(candidate: onnx.ModelProto = optimized) -> tuple[Runs, Runs]:
+            after = runner.session(candidate)
+            before = runner.session(original)  # made last: any edge a later session has goes to the original
+            return [before.runner_for(f) for f in timing_feeds], [after.runner_for(f) for f in timing_feeds]
+
+        pairs = measure.paired("guard", {}, choices, runs, _within(MODEL_POLICY, deadline), 1 - MODEL_MIN_GAIN)
         for index, paired in enumerate(pairs):
             report.guard_timings.append({"profile": index, **paired.to_dict()})
             if index < len(report.profiles):
                 report.profiles[index].update(original_ms=paired.a.median_ms, optimized_ms=paired.b.median_ms,
                                               speedup=1 / paired.ratio, interval=[1 / paired.high, 1 / paired.low])
         report.original_ms, report.optimized_ms = pairs[0].a.median_ms, pairs[0].b.median_ms
-        del before, after  # at most two sessions alive at once: a big model holds its weights in each
         if _clear_gain(pairs):
             return optimized
         worst = max(pairs, key=lambda p: p.high)

@@ -86,6 +86,16 @@ class Report:
     and every setting tried at the model level ("tried": its ratio and interval, or why not)."""
     """Convolution ops in the model that no pass family lowers (ConvInteger, QLinearConv, ...), by count."""
     onnxruntime: str = ort.__version__
+    confirmation: dict[str, Any] = field(default_factory=dict)
+    """How the choices were confirmed in context: the number of groups, and the measurement of
+    all of them together ("together") when there were several."""
+    measurements: dict[str, int] = field(default_factory=dict)
+    """Whole-model measurements (settings, confirmation, guard) "timed" in this run and "cached"."""
+    timing: dict[str, float] = field(default_factory=dict)
+    """Seconds by stage: recognition (load, checks, shapes, recognizers), settings, tuning,
+    confirmation, guard, and the total."""
+    budget: dict[str, Any] = field(default_factory=dict)
+    """With `--budget`: its seconds and the nodes it left untuned ("not_tuned")."""
 
     @property
     def speedup(self) -> float | None:
@@ -171,6 +181,10 @@ class Report:
             "tuning": self.tuning,
             "unlowered_ops": self.unlowered_ops,
             "session_settings": self.session_settings,
+            "confirmation": self.confirmation,
+            "measurements": self.measurements,
+            "timing": self.timing,
+            "budget": self.budget,
             "notices": self.notices,
         }
 
@@ -205,10 +219,10 @@ class Report:
         if changes:
             where += " with " + ", ".join(f"{k}={v}" for k, v in changes.items())
         found = ", ".join(f"{count} {op}" for op, count in self.unlowered_ops.items())
-        if all(n.original_ms is None for n in self.nodes):
+        if all(n.original_ms is None for n in self.nodes) and not self.budget.get("not_tuned"):
             why = f"{len(self.nodes)} node(s) cannot be lowered (the table says why)" if self.nodes else "no Conv, ConvTranspose or known idiom"
             return (f"nothing to lower: {why}" + (f"; found {found}, which convlower does not lower" if found else "")
-                    + f"; wrote the input unchanged; {where}")
+                    + f"; wrote the input unchanged; {where}{self._time_spent()}")
         lowered = sum(1 for n in self.nodes if n.chosen != "original")
         losers = [n for n in self.nodes if n.context and not n.context["kept"]]
         lost = len(losers)
@@ -230,7 +244,25 @@ class Report:
             outcome = (f"no choice held {lost_in}" if lost else "no variant beat the original") + "; wrote the input unchanged"
         else:
             outcome = f"{self._speed()}; NOT verified" + (" (guard off)" if check.get("skipped") else "")
-        return f"{counted}; {outcome}; {where}"
+        return f"{counted}; {outcome}; {where}{self._time_spent()}"
+
+    def _time_spent(self) -> str:
+        """"; 12.3 s: recognition 1.0, tuning 6.2, ...", with how many whole-model measurements came
+        from the cache, and what a budget left out ("" before the run has a total)."""
+        if "total" not in self.timing:
+            return ""
+        stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in self.timing.items()
+                           if stage != "total" and seconds >= 0.05)
+        text = f"; {self.timing['total']:.1f} s" + (f" ({stages})" if stages else "")
+        timed, cached = self.measurements.get("timed", 0), self.measurements.get("cached", 0)
+        if not timed and not self.tuning.get("timed") and (cached or self.tuning.get("cached")):
+            text += "; nothing timed: every measurement came from the cache"
+        elif cached:
+            text += f"; {cached} whole-model measurement(s) from the cache"
+        left_out = len(self.budget.get("not_tuned", []))
+        if left_out:
+            text += f"; the --budget left {left_out} node(s) untuned"
+        return text
 
     def _speed(self) -> str:
         if not self.speedup:

@@ -518,11 +518,16 @@ class PairedRatio:
     rounds: int
     a: Timing
     b: Timing
+    cached: bool = False
+    """Read back from the tuning cache (`convlower.measure`), not timed in this run."""
 
     def to_dict(self) -> dict[str, object]:
-        return {"ratio": round(self.ratio, 4), "interval": [round(self.low, 4), round(self.high, 4)],
-                "confidence": self.confidence, "rounds": self.rounds,
-                "a_median_ms": self.a.median_ms, "b_median_ms": self.b.median_ms}
+        found: dict[str, object] = {"ratio": round(self.ratio, 4), "interval": [round(self.low, 4), round(self.high, 4)],
+                                    "confidence": self.confidence, "rounds": self.rounds,
+                                    "a_median_ms": self.a.median_ms, "b_median_ms": self.b.median_ms}
+        if self.cached:
+            found["cached"] = True
+        return found
 
 
 def time_paired(

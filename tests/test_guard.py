@@ -24,9 +24,10 @@ from onnx import TensorProto, helper, numpy_helper
 import convlower
 from convlower.cache import TuningCache
 from convlower.models.builders import conv_block
+from convlower.measure import Measurements, model_digest
 from convlower.optimize import (
-    CONFIRM_MIN_GAIN, GUARD_ROUNDS, MAX_CONTENDERS, MODEL_MIN_GAIN, MODEL_POLICY, NEAR_TIE, _cached, _confirm_in_context,
-    _contenders, _guard,
+    CONFIRM_MIN_GAIN, GUARD_ROUNDS, MAX_CONTENDERS, MODEL_MIN_GAIN, MODEL_POLICY, NEAR_TIE, RESOLVABLE_GAIN, _cached,
+    _confirm_in_context, _contenders, _guard, _units,
 )
 from convlower.passes import FAMILIES, Builder, SimpleVariant
 from convlower.passes.conv import ConvSpec, build_native, why_not_native
@@ -247,6 +248,10 @@ def test_a_choice_that_wins_alone_but_loses_in_the_whole_model_is_not_kept(extra
         assert node.chosen == ORIGINAL and node.reason.startswith("slow_native won alone but not in the whole model")
         assert node.context["kept"] is False and node.context["interval"][0] > 1
         assert node.to_dict()["context"] == node.context
+    assert report.nodes[0].context is report.nodes[1].context and report.nodes[0].context["groups"] == 2, \
+        "both groups were measured together, once"
+    assert "together with 1 other group(s)" in report.nodes[0].reason
+    assert report.confirmation["together"]["kept"] is False and report.confirmation["groups"] == 2
     assert report.predicted_speedup is None, "nothing kept, nothing predicted"
     report.verification = {"unchanged": True}
     assert "0 of 2 node(s) lowered (2 won alone but not in the whole model); no choice held in the whole model" in report.summary()
@@ -306,6 +311,67 @@ def test_a_near_tie_that_is_faster_in_the_model_takes_the_kept_group(extra_conv_
     assert node.context["kept"] is True and node.context["interval"][1] < 1 - CONFIRM_MIN_GAIN
     assert node.context["first"]["interval"][1] < 1 - CONFIRM_MIN_GAIN, "kept on two measurements, the second reported"
     assert node.reason.startswith("plain chosen over with_matmuls")
+
+
+def test_when_nothing_wins_together_one_measurement_answers_for_every_group(extra_conv_variants) -> None:
+    """Three groups whose choice is ~450x slower: all together lose in the whole model, and that
+    one measurement sends all three back, instead of one (or two) per group."""
+    extra_conv_variants(slow_native(128, 2))
+    model = chain_model(["a", "b", "c"])
+    runner = Runner("cpu")
+    report = guard_report(runner, {name: ("slow_native", 1.0, 0.5) for name in "abc"})
+    measure = Measurements.in_memory(model)
+    kept = _confirm_in_context(model, dict.fromkeys("abc", "slow_native"), {f"group {n}": [n] for n in "abc"}, report, runner,
+                               [random_feeds(model, {"x": (1, 4, 8, 8)})], measurements=measure)
+    assert kept == {} and measure.timed == 1
+    assert all(n.chosen == ORIGINAL and "together with 2 other group(s)" in n.reason for n in report.nodes)
+
+
+def two_heavy_convs() -> onnx.ModelProto:
+    """Two 3x3 Convs of 64 channels at 32x32 (different weights' shapes: two tuning groups)."""
+    w1 = numpy_helper.from_array((RNG.standard_normal((64, 64, 3, 3)) * 0.05).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array((RNG.standard_normal((64, 64, 5, 5)) * 0.05).astype(np.float32), "w2")
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="a", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["h", "w2"], ["y"], name="b", pads=[2, 2, 2, 2])]
+    graph = helper.make_graph(nodes, "heavy2", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 32, 32])], [w1, w2])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_set_that_wins_is_split_and_a_warm_cache_answers_again_without_timing(extra_conv_variants, tmp_path: Path) -> None:
+    """Both heavy Convs replaced by a pass-through (far cheaper): together they win, so each group
+    is confirmed on its own, twice (3 + 2 measurements). The same confirmation with the same file
+    cache times nothing and keeps the same choices."""
+    extra_conv_variants(passthrough("plain"))
+    model = two_heavy_convs()
+    runner = Runner("cpu")
+    feeds = [random_feeds(model, {"x": (1, 64, 32, 32)})]
+
+    def confirm() -> tuple[dict[str, str], Report, Measurements]:
+        report = guard_report(runner, {"a": ("plain", 1.0, 0.1), "b": ("plain", 2.0, 0.1)})
+        store = TuningCache.open(str(tmp_path / "tuning.json"))
+        measure = Measurements(store, model_digest(model), ["x 1x64x32x32"], ["cpu", runner.device])
+        kept = _confirm_in_context(model, {"a": "plain", "b": "plain"}, {"group a": ["a"], "group b": ["b"]}, report,
+                                   runner, feeds, measurements=measure)
+        store.save()
+        return kept, report, measure
+
+    kept, report, measure = confirm()
+    assert kept == {"a": "plain", "b": "plain"} and measure.timed == 5 and measure.cached == 0
+    assert report.confirmation["together"]["kept"] is True
+    assert all(n.context["kept"] and "groups" not in n.context and "first" in n.context for n in report.nodes)
+    again, report_again, measure_again = confirm()
+    assert again == kept and measure_again.timed == 0 and measure_again.cached == 5
+    assert [n.context["ratio"] for n in report_again.nodes] == [n.context["ratio"] for n in report.nodes]
+    assert all(n.context.get("cached") for n in report_again.nodes)
+
+
+def test_groups_too_small_to_resolve_are_confirmed_last_as_one() -> None:
+    model_ms = 100.0
+    gain = {"big": 10.0, "medium": RESOLVABLE_GAIN * model_ms, "tiny": 0.1, "small": RESOLVABLE_GAIN * model_ms * 0.9}
+    order = sorted(gain, key=gain.__getitem__, reverse=True)
+    assert _units(order, gain, model_ms) == [["big"], ["medium"], ["small", "tiny"]]
+    assert _units(["big"], gain, model_ms) == [["big"]]
 
 
 def contender_report(recognized: bool = False, **variants: float | None) -> NodeReport:

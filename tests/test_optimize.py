@@ -272,3 +272,50 @@ def test_a_canonical_node_beside_control_flow_is_lowered() -> None:
     feeds = {"x": RNG.standard_normal((1, 2, 8, 8)).astype(np.float32), "f": RNG.standard_normal((1, 1, 9, 8, 8)).astype(np.float32)}
     for c in (True, False):
         assert_equivalent(model, result.model, inputs={**feeds, "c": np.array(c)})
+
+
+def test_a_rerun_with_a_warm_cache_times_nothing_and_writes_the_same_model(block: onnx.ModelProto, tmp_path: Path) -> None:
+    """Node tunings, settings, confirmations and the guard's timing all come back from the cache:
+    the second run times nothing, says so, and writes what the first wrote."""
+    cache = str(tmp_path / "tuning.json")
+    first = convlower.optimize(block, provider="cpu", cache=cache)
+    second = convlower.optimize(block, provider="cpu", cache=cache)
+    assert first.report.tuning["timed"] == 3 and second.report.tuning["timed"] == 0
+    assert second.report.measurements["timed"] == 0
+    assert second.report.measurements["cached"] == first.report.measurements["timed"]
+    assert [n.chosen for n in second.report.nodes] == [n.chosen for n in first.report.nodes]
+    assert second.model.SerializeToString() == first.model.SerializeToString()
+    assert "nothing timed: every measurement came from the cache" in second.report.summary()
+    assert second.report.verification.get("passed") is not False, "outputs are compared on every run"
+    assert set(second.report.timing) >= {"recognition", "tuning", "total"}
+
+
+def test_a_changed_model_is_measured_anew(block: onnx.ModelProto, tmp_path: Path) -> None:
+    """Whole-model measurements are keyed by the model's digest: another weight, another key."""
+    cache = str(tmp_path / "tuning.json")
+    convlower.optimize(block, provider="cpu", cache=cache, confirm=False)
+    changed = onnx.ModelProto()
+    changed.CopyFrom(block)
+    changed.graph.initializer[0].CopyFrom(weight(changed.graph.initializer[0].name, tuple(changed.graph.initializer[0].dims)))
+    report = convlower.optimize(changed, provider="cpu", cache=cache, confirm=False).report
+    assert report.tuning["timed"] == 0, "node tunings depend on shapes, not weights"
+    if any(n.chosen != ORIGINAL for n in report.nodes):
+        assert report.measurements["timed"] >= 1 and report.guard_timings and not report.guard_timings[-1].get("cached")
+
+
+def test_a_spent_budget_leaves_nodes_untuned_and_returns_a_verified_model(block: onnx.ModelProto) -> None:
+    result = convlower.optimize(block, provider="cpu", cache=None, budget=1e-6)
+    report = result.report
+    assert report.budget == {"seconds": 1e-6, "not_tuned": ["conv1", "dwconv2", "pwconv3"]}
+    assert all(n.chosen == ORIGINAL and n.reason.startswith("not tuned: the --budget of 1e-06 s left no time") for n in report.nodes)
+    assert report.verification == {"unchanged": True} and result.model.graph == block.graph
+    assert "the --budget left 3 node(s) untuned" in report.summary()
+
+
+def test_cli_budget_must_be_positive(block: onnx.ModelProto, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "block.onnx"
+    onnx.save(block, path)
+    assert main(["optimize", str(path), "--budget", "0", "--no-cache"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["convlower: error: --budget 0 is not a positive number of seconds; give the seconds optimize may take, like --budget 30"]
+    assert not (tmp_path / "block.convlower.onnx").exists()
