@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -47,7 +48,7 @@ def _add_provider(p: argparse.ArgumentParser, default: str = "auto") -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="convlower", description="Lower Conv-like ONNX nodes into faster, verified subgraphs.")
-    parser.add_argument("--verbose", action="store_true", help="show tracebacks")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks, and notices with their whole reason")
     parser.add_argument("--version", action="version", version=f"convlower {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -166,6 +167,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     write_text_atomic(report_path, result.report.to_json())
     for notice in result.report.notices:
         console.notice(notice)
+    if args.verbose and result.report.provider_reason:
+        console.notice(result.report.provider_reason)
     if result.report.nodes:
         Console(width=160).print(result.report.table())
     print(result.report.summary())
@@ -289,10 +292,16 @@ COMMANDS = {"optimize": _cmd_optimize, "verify": _cmd_verify, "lower": _cmd_lowe
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = "--verbose" in argv
+    verbose = console.verbose = "--verbose" in argv
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that closed the pipe (`| head`) is met here, inside the handler
+        return code
+    except BrokenPipeError:
+        # the reader has what it wanted: end quietly, and keep Python from flushing into the closed pipe at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ConvlowerError as exc:
         if verbose:
             traceback.print_exc()

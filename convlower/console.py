@@ -20,6 +20,9 @@ class ConvlowerWarning(UserWarning):
 
 warnings.filterwarnings("ignore", category=ConvlowerWarning, append=True)
 
+verbose = False
+"""Set by the CLI's --verbose: notices then add their whole reason (onnxruntime's words) after the short line."""
+
 
 def notice(message: str) -> None:
     """One line on stderr, prefixed `convlower: `."""

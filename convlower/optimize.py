@@ -169,6 +169,7 @@ def optimize(
         report.budget["seconds"] = budget
     if runner.notice:
         report.notices.append(runner.notice)
+        report.provider_reason = runner.reason
     infos = graph_inputs(proto)
     feeds = given_arrays(infos, inputs)
     profiles = []

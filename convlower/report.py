@@ -86,6 +86,8 @@ class Report:
     and every setting tried at the model level ("tried": its ratio and interval, or why not)."""
     """Convolution ops in the model that no pass family lowers (ConvInteger, QLinearConv, ...), by count."""
     onnxruntime: str = ort.__version__
+    provider_reason: str | None = None
+    """Why `auto` did not get CUDA, in onnxruntime's words, and the fix (the notice is the short line)."""
     confirmation: dict[str, Any] = field(default_factory=dict)
     """How the choices were confirmed in context: the number of groups, and the measurement of
     all of them together ("together") when there were several."""
@@ -186,6 +188,7 @@ class Report:
             "timing": self.timing,
             "budget": self.budget,
             "notices": self.notices,
+            "provider_reason": self.provider_reason,
         }
 
     def to_json(self) -> str:

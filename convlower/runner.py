@@ -24,6 +24,7 @@ import contextlib
 import copy
 import functools
 import io
+import json
 import os
 import platform
 import re
@@ -34,6 +35,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -42,7 +44,8 @@ import onnxruntime as ort
 
 from . import console
 from .errors import UsageError
-from .modelio import runtime_compatible
+from .cache import default_cache_path
+from .modelio import runtime_compatible, write_text_atomic
 from .weights import runtime_model
 
 from .settings import CPU, CUDA, CUDA_BASELINE, SessionSettings
@@ -95,10 +98,14 @@ class Runner:
         self.requested = provider
         self.threads = threads
         self.notice: str | None = None
+        """One short line when `auto` fell back to CPU; `reason` is onnxruntime's whole reason and the fix."""
+        self.reason: str | None = None
         self.provider = self._resolve(provider)
         self.settings = SessionSettings.baseline(self.provider, threads)
         if self.notice and not quiet:
             console.notice(self.notice)
+            if console.verbose and self.reason:
+                console.notice(self.reason)
 
     def with_settings(self, settings: SessionSettings) -> "Runner":
         """A runner like this one whose sessions use `settings` (for the same provider)."""
@@ -116,7 +123,8 @@ class Runner:
             return CUDA
         if requested == "cuda":
             raise UsageError(f"--provider cuda: {failure.what}", failure.fix)
-        self.notice = f"{failure.what}; running on CPUExecutionProvider; {failure.fix}"
+        self.notice = f"{failure.summary}: running on CPUExecutionProvider (README: Running on a GPU; --verbose says why)"
+        self.reason = f"{failure.what}; {failure.fix}"
         return CPU
 
     @property
@@ -312,26 +320,42 @@ installed (convlower is installed from its checkout, `pip install -e '.[cuda]'`,
 
 @dataclass(frozen=True)
 class CudaFailure:
-    """Why CUDAExecutionProvider cannot run here (`what`) and how to mend it (`fix`)."""
+    """Why CUDAExecutionProvider cannot run here (`what`), how to mend it (`fix`), and the gist in
+    a few words (`summary`, for the one line a user reads first)."""
 
     what: str
     fix: str
+    summary: str = "CUDA is not available here"
 
 
 @functools.cache
 def cuda_failure() -> CudaFailure | None:
     """None when a session really gets CUDAExecutionProvider, else why not and how to mend it.
 
-    Probed once per process: load the CUDA libraries (`preload_cuda_libraries`), then make a
-    one-node session asking for CUDA first. onnxruntime either raises, or falls back to CPU and
-    only logs why; both reasons are kept, with the libraries `preload_dlls` could not load.
+    Probed once per machine and environment: the answer is kept in `cuda_probe.json` beside the
+    tuning cache, keyed by `_probe_environment` (onnxruntime, the Python environment, the NVIDIA
+    packages and driver, the library path), and probed again when any of those changes. The probe
+    loads the CUDA libraries (`preload_cuda_libraries`), then makes a one-node session asking for
+    CUDA first. onnxruntime either raises, or falls back to CPU and only logs why; both reasons
+    are kept, with the libraries `preload_dlls` could not load.
     """
     if CUDA not in ort.get_available_providers():
         return CudaFailure(
             f"this onnxruntime ({ort.__version__}) is a build without CUDAExecutionProvider",
             f"install onnxruntime-gpu in its place (x86_64 Linux or Windows): "
             f"pip uninstall -y onnxruntime && {INSTALL_CUDA}",
+            "this onnxruntime has no CUDA provider",
         )
+    environment = _probe_environment()
+    known = _read_probe(environment)
+    if known is not None:
+        return CudaFailure(**known) if known else None
+    failure = _cuda_failure_probed()
+    _write_probe(environment, asdict(failure) if failure else {})
+    return failure
+
+
+def _cuda_failure_probed() -> CudaFailure | None:
     preload_trouble = preload_cuda_libraries()
     reason = _probe_cuda()
     if reason is None:
@@ -341,7 +365,50 @@ def cuda_failure() -> CudaFailure | None:
     return CudaFailure(
         f"CUDAExecutionProvider could not load: {reason}",
         f"for an NVIDIA GPU with its driver, install CUDA 13 and cuDNN 9 with {INSTALL_CUDA} (convlower's cuda extra)",
+        "CUDA libraries are missing" if "cannot open shared object" in reason or preload_trouble else "CUDA did not start",
     )
+
+
+def _probe_path() -> Path:
+    return default_cache_path().with_name("cuda_probe.json")
+
+
+def _probe_environment() -> str:
+    """What the probe's answer depends on: onnxruntime's version and files, the interpreter's
+    environment, the NVIDIA packages pip installed, the driver, the library path, the visible GPUs."""
+    parts = [ort.__version__, ort.__file__, sys.prefix, os.environ.get("LD_LIBRARY_PATH", ""),
+             os.environ.get("CUDA_VISIBLE_DEVICES", ""), str(os.path.exists("/dev/nvidiactl"))]
+    for path in [os.path.dirname(ort.__file__), os.path.join(os.path.dirname(os.path.dirname(ort.__file__)), "nvidia")]:
+        with contextlib.suppress(OSError):
+            parts.append(f"{path}:{os.stat(path).st_mtime_ns}")
+    with contextlib.suppress(OSError), open("/proc/driver/nvidia/version") as driver:
+        parts.append(driver.readline().strip())
+    return "|".join(parts)
+
+
+def _read_probe(environment: str) -> dict[str, str] | None:
+    """The probe's stored answer for this environment ({} for "CUDA loads"), or None."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        with open(_probe_path()) as file:
+            stored = json.load(file)
+        answer = stored.get(environment) if isinstance(stored, dict) else None
+        if answer == {} or (isinstance(answer, dict) and set(answer) == {"what", "fix", "summary"}):
+            return answer
+    return None
+
+
+def _write_probe(environment: str, answer: dict[str, str]) -> None:
+    """Keep the answer for this environment (the last few environments' answers stay); never fails."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        stored: dict = {}
+        with contextlib.suppress(OSError, ValueError):
+            with open(_probe_path()) as file:
+                stored = json.load(file)
+        stored = {key: value for key, value in (stored.items() if isinstance(stored, dict) else []) if key != environment}
+        stored = dict(list(stored.items())[-7:])
+        stored[environment] = answer
+        _probe_path().parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(_probe_path(), json.dumps(stored, indent=1))
 
 
 def preload_cuda_libraries() -> str | None:

@@ -281,3 +281,25 @@ def test_verify_atol_and_rtol_override_the_defaults(tmp_path: Path) -> None:
     assert mismatches("--atol", 0.02) == (1, 1), "--atol covers the 0.01 at 0, not the 0.5 at 100"
     assert mismatches("--rtol", 0.01) == (1, 1), "--rtol covers the 0.5 at 100, not the 0.01 at 0"
     assert mismatches("--atol", 0.02, "--rtol", 0.01) == (0, 0)
+
+
+def conv_chain(length: int) -> onnx.ModelProto:
+    """`length` 1x1 Convs one after another: a model whose `inspect --json` is longer than a pipe's buffer."""
+    weight = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x" if i == 0 else f"h{i}", "w"], [f"h{i + 1}" if i < length - 1 else "y"], name=f"conv{i}")
+             for i in range(length)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 4, 4])], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_reader_that_closes_the_pipe_ends_inspect_quietly(tmp_path: Path) -> None:
+    """`convlower inspect MODEL --json | head`: the reader goes away after a few bytes; convlower
+    ends with exit 0 and nothing on stderr, not an internal error."""
+    onnx.save(conv_chain(400), tmp_path / "chain.onnx")
+    proc = subprocess.Popen([sys.executable, "-m", "convlower", "inspect", "chain.onnx", "--json"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(16).startswith(b"{")
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == b""

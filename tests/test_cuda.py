@@ -58,9 +58,10 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_notice_names_onnxruntimes_reason_and_the_install_line() -> None:
     runner = Runner("auto", quiet=True)
     assert runner.provider == CPU
-    notice = runner.notice
-    assert notice and notice.startswith("CUDAExecutionProvider could not load: ")
-    assert "running on CPUExecutionProvider" in notice and INSTALL_CUDA in notice
+    assert runner.notice and "running on CPUExecutionProvider" in runner.notice and "Running on a GPU" in runner.notice
+    assert len(runner.notice) < 160, "the first thing a new user reads is one short line"
+    notice = runner.reason
+    assert notice and notice.startswith("CUDAExecutionProvider could not load: ") and INSTALL_CUDA in notice
     assert "without logging why" not in notice, "onnxruntime's log line was not read"
     loader_error = provider_library_error()
     if loader_error:  # the provider library itself cannot load: the notice names what it misses
@@ -84,8 +85,12 @@ def test_provider_cuda_exits_2_with_one_line_and_auto_keeps_stdout_clean(model: 
     assert auto.returncode == 0, auto.stderr
     assert json.loads(auto.stdout)["provider"] == CPU, "preload_dlls' prints must not reach stdout"
     (notice,) = auto.stderr.strip().splitlines()
-    assert notice.startswith("convlower: CUDAExecutionProvider could not load: ") and INSTALL_CUDA in notice
+    assert notice.startswith("convlower: CUDA") and "running on CPUExecutionProvider" in notice and len(notice) < 170
     assert "onnxruntime:" not in auto.stderr, "onnxruntime's raw log lines must not reach the terminal"
+    verbose = convlower_cli("--verbose", "bench", model, "--provider", "auto", "--input-shape", "x:1x3x8x8", "--runs", "5",
+                            cwd=tmp_path)
+    short, reason = verbose.stderr.strip().splitlines()
+    assert short == notice and reason.startswith("convlower: CUDAExecutionProvider could not load: ") and INSTALL_CUDA in reason
 
 
 @pytest.mark.skipif(CUDA_BUILD, reason="this onnxruntime has CUDAExecutionProvider")
@@ -108,3 +113,24 @@ def test_pythonwarnings_error_stops_with_exit_2_not_an_internal_error(model: Pat
     warning, error = proc.stderr.strip().splitlines()
     assert warning.startswith("convlower: warning: input 'x' axis 0 (N) is symbolic")
     assert error.startswith("convlower: error: Python's warnings filter made the warning above an error")
+
+
+@pytest.mark.skipif(not CUDA_BUILD, reason="a CPU-only onnxruntime needs no probe")
+def test_the_probe_runs_once_per_environment_and_its_answer_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first call probes and stores the answer under the environment's key; the next process
+    (here: the function's memo cleared) reads it back instead of probing."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    stored_path = tmp_path / "convlower" / "cuda_probe.json"
+    cuda_failure.cache_clear()
+    try:
+        probed = cuda_failure()
+        (environment, answer), = json.loads(stored_path.read_text()).items()
+        assert answer == ({} if probed is None else {"what": probed.what, "fix": probed.fix, "summary": probed.summary})
+        stored_path.write_text(json.dumps({environment: {"what": "stored answer", "fix": "f", "summary": "s"}}))
+        cuda_failure.cache_clear()
+        assert cuda_failure().what == "stored answer", "read back, not probed again"
+        monkeypatch.setenv("LD_LIBRARY_PATH", "/another/path")
+        cuda_failure.cache_clear()
+        assert cuda_failure() == probed, "another environment is probed anew"
+    finally:
+        cuda_failure.cache_clear()
