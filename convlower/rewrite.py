@@ -72,10 +72,11 @@ def plan_nodes(graph: gs.Graph, opset: int) -> list[PlannedNode]:
     return planned
 
 
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """The model as a graphsurgeon graph, inferred shapes on its tensors, known idioms recognized."""
+def import_graph(model: onnx.ModelProto, *, recognize: bool = True) -> gs.Graph:
+    """The model as a graphsurgeon graph, inferred shapes on its tensors, known idioms recognized
+    (unless `recognize` is False: a model whose idioms were recognized already)."""
     graph = import_onnx(infer_shapes(model))
-    if RECOGNIZERS:
+    if RECOGNIZERS and recognize:
         opset = default_opset(model)
         for recognize in RECOGNIZERS:
             recognize(graph, opset)
@@ -90,9 +91,10 @@ def sort_nodes(graph: gs.Graph) -> gs.Graph:
     return graph.toposort(mode="nodes")
 
 
-def apply_choices(model: onnx.ModelProto, choices: Mapping[str, str]) -> onnx.ModelProto:
-    """The model with each node named in `choices` replaced by that variant (node name -> variant)."""
-    graph = import_graph(model)
+def apply_choices(model: onnx.ModelProto, choices: Mapping[str, str], *, recognize: bool = True) -> onnx.ModelProto:
+    """The model with each node named in `choices` replaced by that variant (node name -> variant).
+    `recognize=False` skips the recognizers, for a model that is their output already."""
+    graph = import_graph(model, recognize=recognize)
     opset = default_opset(model)
     planned = {p.name: p for p in plan_nodes(graph, opset)}
     for name, variant_name in choices.items():
