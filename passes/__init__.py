@@ -4,7 +4,8 @@ A family is one op with its spec and variants (registered implementations the tu
 between); a recognizer rewrites an exported idiom into a family's canonical node. Each family is a
 module, or a package that holds its recognizers beside it:
 
-    conv.py, conv_transpose.py, col2im.py      standard ops, no recognizer
+    conv.py, conv_transpose.py, col2im.py,     standard ops, no recognizer
+    deform_conv.py
     unfold/                                    convlower.Unfold         + recognize_unfold
     dynamic_filter/                            convlower.DynamicFilter  + recognize_unfold_filter,
                                                  recognize_shift_loop, recognize_stacked_shifts,
@@ -23,7 +24,7 @@ from typing import Callable
 
 import onnx_graphsurgeon as gs
 
-from . import col2im, conv, conv_transpose, dynamic_filter, local_correlation, pixel_adaptive_conv, unfold
+from . import col2im, conv, conv_transpose, deform_conv, dynamic_filter, local_correlation, pixel_adaptive_conv, unfold
 from .base import Builder, NotLowerable, OpFamily, SimpleVariant, Variant, spec_dict, spec_key
 from .dynamic_filter import recognize_shift_loop, recognize_stacked_shifts, recognize_tensor_unfold, recognize_unfold_filter
 from .local_correlation import (
@@ -41,6 +42,7 @@ FAMILIES: dict[str, OpFamily] = {
         conv.FAMILY,
         col2im.FAMILY,
         conv_transpose.FAMILY,
+        deform_conv.FAMILY,
         dynamic_filter.FAMILY,
         unfold.FAMILY,
         pixel_adaptive_conv.FAMILY,

@@ -121,3 +121,49 @@ def local_correlation(a: np.ndarray, b: np.ndarray, correlation: Correlation) ->
                 total = total / a.dtype.type(per_group)
             y[:, g, k] = a.dtype.type(correlation.scale) * total
     return y
+
+
+def bilinear_zeros(image: np.ndarray, y: float, x: float) -> np.ndarray:
+    """`image` `[C, H, W]` read at the fractional point (y, x): the four neighbouring pixels weighted
+    by (1 - |y - row|)(1 - |x - col|), a pixel outside the image reading 0."""
+    height, width = image.shape[1:]
+    value = np.zeros(image.shape[0], np.float64)
+    for row in (math.floor(y), math.floor(y) + 1):
+        for col in (math.floor(x), math.floor(x) + 1):
+            if 0 <= row < height and 0 <= col < width:
+                value += (1 - abs(y - row)) * (1 - abs(x - col)) * image[:, row, col]
+    return value
+
+
+def deform_conv(x: np.ndarray, w: np.ndarray, offset: np.ndarray, bias: np.ndarray | None, mask: np.ndarray | None, *,
+                strides: Sequence[int], dilations: Sequence[int], pads: Sequence[int], group: int,
+                offset_group: int) -> np.ndarray:
+    """2-D DeformConv from its definition (ONNX DeformConv, torchvision's deform_conv2d): output
+    (i, j)'s tap (kh, kw) reads every channel of its offset group at (i·s - pad + kh·d + Δy,
+    j·s - pad + kw·d + Δx), bilinearly with zeros outside, times the mask; a grouped convolution
+    of those samples with W, plus the bias. In float64, loop by loop."""
+    n, channels, _, _ = x.shape
+    out_channels, in_per_group, kh, kw = w.shape
+    oh, ow = offset.shape[2:]
+    per_offset_group, out_per_group = channels // offset_group, out_channels // group
+    offsets = offset.reshape(n, offset_group, kh, kw, 2, oh, ow)
+    masks = np.ones((n, offset_group, kh, kw, oh, ow)) if mask is None else mask.reshape(n, offset_group, kh, kw, oh, ow)
+    y = np.zeros((n, out_channels, oh, ow), np.float64)
+    for b in range(n):
+        for i in range(oh):
+            for j in range(ow):
+                samples = np.zeros((channels, kh, kw), np.float64)
+                for g in range(offset_group):
+                    part = x[b, g * per_offset_group:(g + 1) * per_offset_group].astype(np.float64)
+                    for p in range(kh):
+                        for q in range(kw):
+                            dy, dx = offsets[b, g, p, q, :, i, j]
+                            at = (i * strides[0] - pads[0] + p * dilations[0] + dy, j * strides[1] - pads[1] + q * dilations[1] + dx)
+                            samples[g * per_offset_group:(g + 1) * per_offset_group, p, q] = (
+                                bilinear_zeros(part, *at) * masks[b, g, p, q, i, j])
+                for o in range(out_channels):
+                    g = o // out_per_group
+                    y[b, o, i, j] = np.sum(w[o].astype(np.float64) * samples[g * in_per_group:(g + 1) * in_per_group])
+    if bias is not None:
+        y += bias.reshape(1, -1, 1, 1)
+    return y

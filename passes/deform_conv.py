@@ -1,0 +1,250 @@
+"""DeformConv (DCNv1/v2, ONNX opset 19): a Conv whose taps are read at learned fractional offsets.
+
+Output `y[n, o, i, j] = b[o] + Σ_{c, k} w[o, c, k] · m[n, g(c), k, i, j] · X̃[n, c, p_k(i, j)]`,
+where tap k = (kh, kw) of output (i, j) reads X at `p_k = (i·s_h - pad_top + kh·d_h + Δy,
+j·s_w - pad_left + kw·d_w + Δx)`, the offsets `Δ = offset[n, g(c), k, :, i, j]` per offset group
+g(c), `X̃` the bilinear interpolation of X with zeros outside it, and `m` the optional mask (DCNv2)
+— what `onnx.reference` and onnxruntime's kernel compute (both 2-D only).
+
+Rewrites:
+
+- `native`:        DeformConv → DeformConv with every attribute explicit.
+- `gather_im2col`: DeformConv → sampling positions (base grid + offsets) ∘ Floor ∘ 4 corners ×
+  (Gather on the flattened map, weight, zero outside) ∘ Sum ∘ × mask ∘ Transpose/Reshape to
+  im2col columns ∘ MatMul with the reshaped weight (per group) ∘ + bias. Only ops every runtime has.
+- `grid_sample`:   DeformConv → the same positions normalized for GridSample (bilinear, zeros,
+  align_corners 0), every tap stacked into one GridSample per offset group ∘ × mask ∘ MatMul.
+  GridSample is opset 16+; onnxruntime, TensorRT and OpenVINO run it.
+
+Both lowerings share the geometry (`_positions`) and the tail (`_contract`): a grouped im2col
+MatMul of `[group, out/group, in/group·K]` weights with `[N, group, in/group·K, oH·oW]` columns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .base import (
+    Builder,
+    Dim,
+    GroupedKernelSizes,
+    NotLowerable,
+    OpFamily,
+    SimpleVariant,
+    float_dtype,
+    int_attr,
+    non_negative_ints,
+    positive_ints,
+    spec_key,
+    static_shape,
+)
+
+DEFORM_CONV_OPSET = 19
+GRID_SAMPLE_OPSET = 16
+"""GridSample's first opset; its `mode` is "bilinear" until 19 and "linear" from 20."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeformConvSpec(GroupedKernelSizes):
+    """One DeformConv node, every default resolved: X `[N, in, *image]`, W `[out, in/group, *kernel]`,
+    offset `[N, offset_group·K·rank, *output]`, optional bias `[out]` and mask `[N, offset_group·K, *output]`."""
+
+    op: str = "DeformConv"
+    dtype: str
+    opset: int
+    batch: Dim
+    in_channels: int
+    out_channels: int
+    image: tuple[int, ...]
+    output: tuple[int, ...]
+    kernel_shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]
+    group: int
+    offset_group: int
+    has_bias: bool
+    has_mask: bool
+
+    def key(self) -> str:
+        return spec_key(self)
+
+    @property
+    def rank(self) -> int:
+        return len(self.image)
+
+
+def output_size(image: int, kernel: int, stride: int, dilation: int, pad_begin: int, pad_end: int) -> int:
+    return (image + pad_begin + pad_end - ((kernel - 1) * dilation + 1)) // stride + 1
+
+
+def make_spec(node: gs.Node, opset: int) -> DeformConvSpec:
+    """The DeformConv node read into a spec: channels, image and kernel must be static."""
+    x, weight = node.inputs[0], node.inputs[1]
+    x_shape, w_shape = static_shape(x), static_shape(weight)
+    if x_shape is None or w_shape is None or len(x_shape) < 3 or len(w_shape) != len(x_shape):
+        raise NotLowerable("the ranks of X and W are unknown or differ")
+    rank = len(x_shape) - 2
+    if any(d is None for d in (*x_shape[1:], *w_shape)):
+        raise NotLowerable(f"X {list(x_shape)} and W {list(w_shape)} need static channel, spatial and kernel dims")
+    kernel = tuple(int(v) for v in node.attrs.get("kernel_shape", w_shape[2:]))
+    if kernel != tuple(w_shape[2:]):
+        raise NotLowerable(f"kernel_shape {list(kernel)} differs from W's {list(w_shape[2:])}")
+    strides = positive_ints(node.attrs.get("strides", [1] * rank), rank, "strides")
+    dilations = positive_ints(node.attrs.get("dilations", [1] * rank), rank, "dilations")
+    pads = non_negative_ints(node.attrs.get("pads", [0] * 2 * rank), 2 * rank, "pads")
+    group, offset_group = int_attr(node, "group", 1), int_attr(node, "offset_group", 1)
+    in_channels, out_channels = int(x_shape[1]), int(w_shape[0])
+    if group < 1 or in_channels != w_shape[1] * group or out_channels % group:
+        raise NotLowerable(f"X has {in_channels} channels, W {list(w_shape)}: inconsistent with group {group}")
+    if offset_group < 1 or in_channels % offset_group:
+        raise NotLowerable(f"{in_channels} input channels do not divide into offset_group {offset_group}")
+    image = tuple(int(d) for d in x_shape[2:])
+    output = tuple(output_size(*axis) for axis in zip(image, kernel, strides, dilations, pads, pads[rank:]))
+    if min(output) < 1:
+        raise NotLowerable(f"the dilated kernel {list(kernel)} does not fit the padded image {list(image)}")
+    present = [i < len(node.inputs) and not node.inputs[i].is_empty() for i in (3, 4)]
+    return DeformConvSpec(
+        dtype=float_dtype(x), opset=opset, batch=x_shape[0], in_channels=in_channels, out_channels=out_channels,
+        image=image, output=output, kernel_shape=kernel, strides=strides, dilations=dilations, pads=pads,
+        group=group, offset_group=offset_group, has_bias=present[0], has_mask=present[1],
+    )
+
+
+def why_not_lowered(spec: DeformConvSpec) -> str | None:
+    if spec.rank != 2:
+        return f"a {spec.rank}-D DeformConv: the lowerings are 2-D, as onnx.reference and onnxruntime's kernel are"
+    return None
+
+
+def why_not_grid_sample(spec: DeformConvSpec) -> str | None:
+    if spec.opset < GRID_SAMPLE_OPSET:
+        return f"GridSample needs opset {GRID_SAMPLE_OPSET}, the model imports {spec.opset}"
+    return why_not_lowered(spec)
+
+
+def build_native(b: Builder, spec: DeformConvSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
+    """DeformConv again, every attribute written out."""
+    attrs = {"kernel_shape": list(spec.kernel_shape), "strides": list(spec.strides), "dilations": list(spec.dilations),
+             "pads": list(spec.pads), "group": spec.group, "offset_group": spec.offset_group}
+    b.op("DeformConv", list(inputs), attrs, out=outputs[0])
+
+
+def _positions(b: Builder, spec: DeformConvSpec, offset: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor]:
+    """Every tap's sampling row and column, `[N, offset_group, K, oH, oW]` each: the regular
+    grid of the convolution plus the offsets (stored per tap as (Δy, Δx))."""
+    (kh, kw), (oh, ow) = spec.kernel_shape, spec.output
+    taps = kh * kw
+    rows = (np.arange(oh) * spec.strides[0] - spec.pads[0])[None, :] + (np.arange(kh) * spec.dilations[0]).repeat(kw)[:, None]
+    cols = (np.arange(ow) * spec.strides[1] - spec.pads[1])[None, :] + np.tile(np.arange(kw) * spec.dilations[1], kh)[:, None]
+    split = b.reshape(offset, [0, spec.offset_group, taps, 2, oh, ow])
+    dy = b.squeeze(b.slice(split, [0], [1], [3]), [3])
+    dx = b.squeeze(b.slice(split, [1], [2], [3]), [3])
+    y = b.add(dy, b.const(rows.reshape(taps, oh, 1).astype(b.dtype), "rows"))
+    x = b.add(dx, b.const(cols.reshape(taps, 1, ow).astype(b.dtype), "cols"))
+    return y, x
+
+
+def _masked(b: Builder, spec: DeformConvSpec, inputs: Sequence[gs.Tensor]) -> gs.Tensor | None:
+    """The mask as `[N, offset_group, K, oH, oW]`, or None without one."""
+    if not spec.has_mask:
+        return None
+    return b.reshape(inputs[4], [0, spec.offset_group, spec.taps, *spec.output])
+
+
+def _contract(b: Builder, spec: DeformConvSpec, columns: gs.Tensor, inputs: Sequence[gs.Tensor], out: gs.Variable) -> None:
+    """`columns` `[N, in, K, oH, oW]` (channel-major, as X's channels) times W per group, plus bias, into `out`."""
+    per_group = spec.in_per_group * spec.taps
+    grouped = b.reshape(columns, [0, spec.group, per_group, math.prod(spec.output)])
+    weight = b.reshape(inputs[1], [spec.group, spec.out_per_group, per_group])
+    product = b.matmul(weight, grouped)
+    if not spec.has_bias:
+        b.reshape(product, [0, spec.out_channels, *spec.output], out=out)
+        return
+    image = b.reshape(product, [0, spec.out_channels, *spec.output])
+    b.add(image, b.reshape(inputs[3], [spec.out_channels, 1, 1]), out=out)
+
+
+def build_gather_im2col(b: Builder, spec: DeformConvSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
+    """Bilinear sampling by Gather on the flattened map, then one grouped im2col MatMul.
+
+    X becomes rows of channels, `[N·G·H·W, C/G]` (G the offset groups), so one Gather reads every
+    corner of every tap for all of a group's channels at once. Each of the four corners (⌊y⌋ or
+    ⌊y⌋+1, ⌊x⌋ or ⌊x⌋+1) has a weight, the bilinear one times 0 where the corner is outside the
+    image (its index is clipped in, its value not used), times the mask; the weighted corners sum
+    to the sampled columns."""
+    (height, width), groups = spec.image, spec.offset_group
+    per_group = spec.in_channels // groups
+    y, x = _positions(b, spec, inputs[2])
+    y0, x0 = b.op("Floor", [y]), b.op("Floor", [x])
+    fy, fx = b.op("Sub", [y, y0]), b.op("Sub", [x, x0])
+    one = b.scalar(1.0)
+    mask = _masked(b, spec, inputs)
+    rows = b.reshape(b.transpose(b.reshape(inputs[0], [0, groups, per_group, height * width]), [0, 1, 3, 2]), [-1, per_group])
+    rows_in_all = b.squeeze(b.mul(b.shape(inputs[0], 0, 1), b.ints([groups * height * width])), [0])
+    first_rows = b.op("Range", [b.const(np.array(0, np.int64)), rows_in_all, b.const(np.array(height * width, np.int64))])
+    base = b.reshape(first_rows, [-1, groups, 1, 1, 1])  # the first row of each image's offset group
+    corners = []
+    for dy in (0, 1):
+        for dx in (0, 1):
+            cy = y0 if dy == 0 else b.add(y0, one)
+            cx = x0 if dx == 0 else b.add(x0, one)
+            wy = b.op("Sub", [one, fy]) if dy == 0 else fy
+            wx = b.op("Sub", [one, fx]) if dx == 0 else fx
+            inside = b.op("And", [
+                b.op("And", [b.op("GreaterOrEqual", [cy, b.scalar(0.0)]), b.op("LessOrEqual", [cy, b.scalar(height - 1.0)])]),
+                b.op("And", [b.op("GreaterOrEqual", [cx, b.scalar(0.0)]), b.op("LessOrEqual", [cx, b.scalar(width - 1.0)])]),
+            ])
+            weight = b.mul(b.mul(wy, wx), b.op("Cast", [inside], {"to": _onnx_float(b)}))
+            if mask is not None:
+                weight = b.mul(weight, mask)
+            iy = b.op("Cast", [b.op("Clip", [cy, b.scalar(0.0), b.scalar(height - 1.0)])], {"to": 7})
+            ix = b.op("Cast", [b.op("Clip", [cx, b.scalar(0.0), b.scalar(width - 1.0)])], {"to": 7})
+            index = b.add(b.add(b.mul(iy, b.const(np.array(width, np.int64))), ix), base)
+            values = b.op("Gather", [rows, index], {"axis": 0})  # [N, G, K, oH, oW, C/G]
+            corners.append(b.mul(values, b.unsqueeze(weight, [5])))
+    sampled = b.sum(corners)
+    columns = b.transpose(sampled, [0, 1, 5, 2, 3, 4])  # [N, G, C/G, K, oH, oW]: channels in X's order
+    _contract(b, spec, columns, inputs, outputs[0])
+
+
+def build_grid_sample(b: Builder, spec: DeformConvSpec, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> None:
+    """Every tap of an offset group sampled by one GridSample (bilinear, zeros outside), then one
+    grouped im2col MatMul. Positions are normalized for align_corners 0, `(2p + 1) / size - 1`,
+    which holds for an image one pixel wide too."""
+    (height, width), groups = spec.image, spec.offset_group
+    per_group = spec.in_channels // groups
+    taps, (oh, ow) = spec.taps, spec.output
+    y, x = _positions(b, spec, inputs[2])
+    ny = b.add(b.mul(y, b.scalar(2.0 / height)), b.scalar(1.0 / height - 1.0))
+    nx = b.add(b.mul(x, b.scalar(2.0 / width)), b.scalar(1.0 / width - 1.0))
+    grid = b.reshape(b.concat([b.unsqueeze(nx, [5]), b.unsqueeze(ny, [5])], axis=5), [-1, taps * oh, ow, 2])
+    images = b.reshape(inputs[0], [-1, per_group, height, width])
+    mode = "linear" if spec.opset >= 20 else "bilinear"
+    sampled = b.op("GridSample", [images, grid], {"mode": mode, "padding_mode": "zeros", "align_corners": 0})
+    if spec.has_mask:
+        sampled = b.mul(sampled, b.reshape(inputs[4], [-1, 1, taps * oh, ow]))
+    _contract(b, spec, b.reshape(sampled, [-1, spec.in_channels, taps, oh, ow]), inputs, outputs[0])
+
+
+def _onnx_float(b: Builder) -> int:
+    return {np.dtype(np.float32): 1, np.dtype(np.float16): 10, np.dtype(np.float64): 11}.get(b.dtype, 1)
+
+
+FAMILY = OpFamily(
+    op_type="DeformConv",
+    domain="",
+    make_spec=make_spec,
+    variants=(
+        SimpleVariant("native", lambda spec: None, build_native, "DeformConv with explicit attributes"),
+        SimpleVariant("gather_im2col", why_not_lowered, build_gather_im2col,
+                      "bilinear corners by Gather on the flattened map, then an im2col MatMul"),
+        SimpleVariant("grid_sample", why_not_grid_sample, build_grid_sample,
+                      "every tap sampled by one GridSample per offset group, then an im2col MatMul"),
+    ),
+)

@@ -1,0 +1,152 @@
+"""DeformConv variants against the ONNX conformance cases, a NumPy oracle from the definition,
+onnx.reference and onnxruntime's own kernel, over the attribute space (hypothesis).
+
+Offsets are drawn wide on purpose: taps land between pixels, on borders and far outside the image,
+where bilinear sampling reads zeros.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx.backend.test.case.node import collect_testcases
+from onnx.reference import ReferenceEvaluator
+
+import convlower
+from convlower.cli import main
+from convlower.passes import family_for
+from convlower.passes.deform_conv import output_size
+from tests.helpers import op_types, run, single_node_model
+from tests.oracles import deform_conv
+
+FAMILY = family_for("DeformConv")
+VARIANTS = FAMILY.variant_names
+LOWERINGS = [name for name in VARIANTS if name != "native"]
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    CONFORMANCE = [c for c in collect_testcases() if {n.op_type for n in c.model.graph.node} == {"DeformConv"}]
+
+
+def lowered(model: onnx.ModelProto, variant: str) -> onnx.ModelProto:
+    result = convlower.lower(model, {"DeformConv": variant})
+    assert result.nodes and all(n.variant == variant for n in result.nodes), result.nodes
+    onnx.checker.check_model(result.model, full_check=True)
+    if variant != "native":
+        assert "DeformConv" not in op_types(result.model)
+    return result.model
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+# ---- (a) the official ONNX conformance cases ---------------------------------------------------
+
+
+def test_every_conformance_case_is_collected() -> None:
+    assert len(CONFORMANCE) >= 4, "collect_testcases() was called with an op filter earlier in this session"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", CONFORMANCE, ids=lambda c: c.name)
+def test_conformance_case(case: Any, variant: str) -> None:
+    names = [i.name for i in case.model.graph.input]
+    for inputs, expected in case.data_sets:
+        (got,) = run(lowered(case.model, variant), dict(zip(names, inputs)))
+        assert_close(got, expected[0])
+
+
+# ---- (b) hypothesis: the attribute space, against the oracle and onnxruntime ------------------
+
+
+@st.composite
+def deform_conv_nodes(draw: st.DrawFn) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, Any]]:
+    """A 2-D DeformConv: kernels 1-3, strides and dilations 1-2, asymmetric pads 0-2, groups and
+    offset groups that divide the channels, bias and mask each optional, a dynamic or static batch;
+    offsets up to ±(image size), so taps fall between pixels, on borders and outside."""
+    ints = lambda lo, hi, n=2: st.lists(st.integers(lo, hi), min_size=n, max_size=n)  # noqa: E731
+    kernel, strides, dilations, pads = draw(ints(1, 3)), draw(ints(1, 2)), draw(ints(1, 2)), draw(ints(0, 2, 4))
+    group, offset_group = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2]))
+    channels = group * offset_group * draw(st.integers(1, 2))
+    out_channels = group * draw(st.integers(1, 2))
+    reach = [(k - 1) * d + 1 - p - q for k, d, p, q in zip(kernel, dilations, pads, pads[2:])]
+    image = [draw(st.integers(max(1, r), max(1, r) + 4)) for r in reach]
+    output = [output_size(*axis) for axis in zip(image, kernel, strides, dilations, pads, pads[2:])]
+    batch = draw(st.integers(1, 2))
+    taps = kernel[0] * kernel[1]
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    spread = draw(st.sampled_from([0.0, 0.5, 3.0])) * max(image)
+    arrays = {
+        "x": rng.standard_normal((batch, channels, *image)).astype(np.float32),
+        "w": rng.standard_normal((out_channels, channels // group, *kernel)).astype(np.float32),
+        "offset": (rng.standard_normal((batch, offset_group * taps * 2, *output)) * spread).astype(np.float32),
+        "b": rng.standard_normal(out_channels).astype(np.float32),
+        "mask": rng.random((batch, offset_group * taps, *output)).astype(np.float32),
+    }
+    bias, mask = draw(st.booleans()), draw(st.booleans())
+    batch_dim: Any = "n" if draw(st.booleans()) else batch
+    inputs = [("x", (batch_dim, channels, *image)), ("w", arrays["w"]), ("offset", (batch_dim, offset_group * taps * 2, *output)),
+              ("b" if bias else "", arrays["b"]), ("mask" if mask else "", (batch_dim, offset_group * taps, *output))]
+    while not inputs[-1][0]:
+        inputs.pop()
+    attrs = {"kernel_shape": kernel, "strides": strides, "dilations": dilations, "pads": pads, "group": group,
+             "offset_group": offset_group}
+    model = single_node_model("DeformConv", inputs, 4, attrs=attrs, opset=19)
+    feeds = {name: arrays[name] for name in ("x", "offset", "mask") if name in {i[0] for i in inputs}}
+    expected = deform_conv(arrays["x"], arrays["w"], arrays["offset"], arrays["b"] if bias else None,
+                           arrays["mask"] if mask else None, strides=strides, dilations=dilations, pads=pads,
+                           group=group, offset_group=offset_group)
+    return model, feeds, {"expected": expected}
+
+
+@settings(max_examples=60)
+@given(node=deform_conv_nodes())
+def test_every_variant_matches_the_oracle_and_onnxruntimes_kernel(node) -> None:
+    model, feeds, found = node
+    native = run(model, feeds)[0]
+    assert_close(native, found["expected"].astype(np.float32))
+    for variant in VARIANTS:
+        assert_close(run(lowered(model, variant), feeds)[0], native)
+
+
+@settings(max_examples=15)
+@given(node=deform_conv_nodes())
+def test_the_oracle_agrees_with_onnx_reference(node) -> None:
+    """The NumPy oracle, written from the definition, against onnx.reference's implementation
+    (which normalizes for GridSample by size - 1: images at least 2 pixels on each axis)."""
+    model, feeds, found = node
+    if min(feeds["x"].shape[2:]) < 2:
+        return
+    (reference,) = ReferenceEvaluator(model).run(None, feeds)
+    assert_close(reference, found["expected"].astype(np.float32))
+
+
+# ---- (c) where the lowerings do not apply, and the command line ---------------------------------
+
+
+def test_a_3d_deform_conv_is_described_but_not_lowered() -> None:
+    model = single_node_model("DeformConv", [("x", (1, 2, 4, 4, 4)), ("w", np.ones((2, 2, 1, 1, 1), np.float32)),
+                                             ("offset", (1, 3, 4, 4, 4))], 5, attrs={"kernel_shape": [1, 1, 1]}, opset=19)
+    outcomes = convlower.lower(model, {"DeformConv": "gather_im2col"}).nodes
+    assert outcomes[0].variant is None and "3-D DeformConv: the lowerings are 2-D" in outcomes[0].reason
+
+
+def test_lower_no_ops_deform_conv_writes_a_model_without_it(tmp_path) -> None:
+    """`convlower lower --no-ops DeformConv`: the model runs where DeformConv does not, and equals the original."""
+    case = next(c for c in CONFORMANCE if c.name == "test_deform_conv_with_mask_bias")
+    source, out = tmp_path / "dcn.onnx", tmp_path / "dcn.lowered.onnx"
+    onnx.save(case.model, source)
+    assert main(["lower", str(source), "--variant", "DeformConv=gather_im2col", "-o", str(out), "--no-ops", "DeformConv"]) == 0
+    written = onnx.load(str(out))
+    assert "DeformConv" not in op_types(written)
+    names = [i.name for i in case.model.graph.input]
+    inputs, expected = case.data_sets[0]
+    assert_close(run(written, dict(zip(names, inputs)))[0], expected[0])
