@@ -18,6 +18,7 @@ import onnx
 
 from convlower.passes.local_functions import DOMAIN, DOMAIN_VERSION, attach_functions
 
+from .errors import UsageError
 from .modelio import runtime_compatible, save_model
 
 BATCH_DIM = "batch"
@@ -52,7 +53,7 @@ def export(
     """
     import torch
 
-    from . import ops  # noqa: F401 - registers the op's symbolic for the TorchScript exporter
+    from . import ops  # registers the ops' symbolics for the TorchScript exporter
 
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     names = list(input_names) if input_names is not None else _parameter_names(module, len(args))
@@ -97,6 +98,9 @@ def export(
             **export_kwargs,
         )
         model = onnx.load_from_string(buffer.getvalue())
+    if opset < ops.DEFORM_CONV_OPSET and any(n.op_type == "DeformConv" and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        raise UsageError(f"the module calls deform_conv2d, which exports to ONNX DeformConv (opset {ops.DEFORM_CONV_OPSET} and "
+                         f"later); this export is at opset {opset}", f"export with opset={ops.DEFORM_CONV_OPSET} or later")
     runtime_compatible(attach_functions(model))
     if path is not None:
         save_model(model, path)

@@ -333,3 +333,117 @@ def _correlation_symbolic(g, a, b, first, last, step, groups, reduction, scale):
 
 
 torch.onnx.register_custom_op_symbolic(CORRELATION_TORCH_OP, _correlation_symbolic, 1)
+
+
+# --- DeformConv -----------------------------------------------------------------------------------------
+
+DEFORM_TORCH_OP = "convlower::deform_conv2d"
+DEFORM_CONV_OPSET = 19
+"""ONNX's DeformConv arrives in opset 19: `deform_conv2d` exports to it from there."""
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or two ints; got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def deform_conv2d_reference(
+    x: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
+    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+) -> Tensor:
+    """DeformConv in plain torch ops, differentiable: every tap of each offset group sampled by one
+    `grid_sample` (bilinear, zeros outside), times the mask, then a grouped im2col matmul."""
+    n, channels, height, width = x.shape
+    out_channels, in_per_group, kh, kw = weight.shape
+    oh, ow = offset.shape[2:]
+    taps, groups = kh * kw, channels // in_per_group
+    offset_groups = offset.shape[1] // (2 * taps)
+    rows = (torch.arange(oh, dtype=x.dtype) * stride[0] - padding[0])[None, :] \
+        + (torch.arange(kh, dtype=x.dtype) * dilation[0]).repeat_interleave(kw)[:, None]
+    cols = (torch.arange(ow, dtype=x.dtype) * stride[1] - padding[1])[None, :] \
+        + (torch.arange(kw, dtype=x.dtype) * dilation[1]).repeat(kh)[:, None]
+    delta = offset.view(n, offset_groups, taps, 2, oh, ow)
+    y = delta[:, :, :, 0] + rows.view(taps, oh, 1)
+    x_at = delta[:, :, :, 1] + cols.view(taps, 1, ow)
+    grid = torch.stack(((2 * x_at + 1) / width - 1, (2 * y + 1) / height - 1), dim=-1).view(n * offset_groups, taps * oh, ow, 2)
+    sampled = F.grid_sample(x.reshape(n * offset_groups, channels // offset_groups, height, width), grid,
+                            mode="bilinear", padding_mode="zeros", align_corners=False)
+    if mask is not None:
+        sampled = sampled * mask.reshape(n * offset_groups, 1, taps * oh, ow)
+    columns = sampled.reshape(n, groups, in_per_group * taps, oh * ow)
+    out = torch.matmul(weight.reshape(groups, out_channels // groups, in_per_group * taps), columns)
+    out = out.reshape(n, out_channels, oh, ow)
+    return out + bias.view(1, -1, 1, 1) if bias is not None else out
+
+
+@torch.library.custom_op(DEFORM_TORCH_OP, mutates_args=())
+def _deform_conv2d(
+    x: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int],
+) -> Tensor:
+    return deform_conv2d_reference(x, offset, weight, bias, mask, tuple(stride), tuple(padding), tuple(dilation))  # type: ignore[arg-type]
+
+
+@_deform_conv2d.register_fake
+def _deform_conv2d_fake(
+    x: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int],
+) -> Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0], *offset.shape[2:]))
+
+
+def deform_conv2d(
+    input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Deformable convolution (DCNv1, and DCNv2 with `mask`) with `torchvision.ops.deform_conv2d`'s
+    signature and semantics, for code that has no torchvision: input `[N, C, H, W]`, offset
+    `[N, 2·offset_groups·kh·kw, oH, oW]` ((Δy, Δx) per tap), weight `[out, C/groups, kh, kw]`
+    (groups = C / weight's second dim), mask `[N, offset_groups·kh·kw, oH, oW]`. Differentiable
+    in eager mode; exported (opset 19+, either exporter) as one ONNX `DeformConv` node.
+    """
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    kh, kw = weight.shape[2:]
+    if torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing():
+        inputs = (input, weight, offset, bias, mask)
+        return torch.onnx.ops.symbolic(
+            "::DeformConv", inputs, _deform_attrs(offset, weight, stride, padding, dilation, input.shape[1]),
+            dtype=input.dtype, shape=[input.shape[0], weight.shape[0], *offset.shape[2:]],
+        )
+    if torch.jit.is_tracing():
+        return _deform_conv2d(input, offset, weight, bias, mask, list(stride), list(padding), list(dilation))
+    if input.shape[1] % weight.shape[1] or offset.shape[1] % (2 * kh * kw):
+        raise ValueError(f"input {tuple(input.shape)}, weight {tuple(weight.shape)} and offset {tuple(offset.shape)} "
+                         "do not make whole groups and offset groups")
+    return deform_conv2d_reference(input, offset, weight, bias, mask, stride, padding, dilation)
+
+
+def _deform_attrs(offset: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                  channels: int) -> dict[str, Any]:
+    kh, kw = int(weight.shape[2]), int(weight.shape[3])
+    return {"kernel_shape": [kh, kw], "strides": list(stride), "pads": [*padding, *padding], "dilations": list(dilation),
+            "group": int(channels) // int(weight.shape[1]), "offset_group": int(offset.shape[1]) // (2 * kh * kw)}
+
+
+@symbolic_helper.parse_args("v", "v", "v", "v", "v", "is", "is", "is")
+def _deform_symbolic(g, x, offset, weight, bias, mask, stride, padding, dilation):  # noqa: ANN001 - TorchScript graph values
+    """The TorchScript exporter's translation: one ONNX `DeformConv` (opset 19+)."""
+    if g.opset < DEFORM_CONV_OPSET:
+        raise RuntimeError(f"deform_conv2d exports to ONNX DeformConv, which needs opset {DEFORM_CONV_OPSET}; "
+                           f"export with opset {DEFORM_CONV_OPSET} or later (convlower.export(..., opset={DEFORM_CONV_OPSET}))")
+    w_sizes, o_sizes, x_sizes = weight.type().varyingSizes(), offset.type().varyingSizes(), x.type().varyingSizes()
+    kh, kw = w_sizes[2], w_sizes[3]
+    attrs = {"kernel_shape_i": [kh, kw], "strides_i": stride, "pads_i": [*padding, *padding], "dilations_i": dilation,
+             "group_i": x_sizes[1] // w_sizes[1], "offset_group_i": o_sizes[1] // (2 * kh * kw)}
+    inputs = [x, weight, offset, bias, mask]
+    while inputs and symbolic_helper._is_none(inputs[-1]):
+        inputs.pop()
+    inputs = [g.op("Constant", value_t=torch.tensor([], dtype=torch.float32)) if symbolic_helper._is_none(v) else v
+              for v in inputs]
+    return g.op("DeformConv", *inputs, **attrs)
+
+
+torch.onnx.register_custom_op_symbolic(DEFORM_TORCH_OP, _deform_symbolic, 1)

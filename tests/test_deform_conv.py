@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx.backend.test.case.node import collect_testcases
@@ -20,6 +21,8 @@ from onnx.reference import ReferenceEvaluator
 
 import convlower
 from convlower.cli import main
+from convlower.errors import UsageError
+from convlower.ops import deform_conv2d
 from convlower.passes import family_for
 from convlower.passes.deform_conv import output_size
 from tests.helpers import op_types, run, single_node_model
@@ -150,3 +153,71 @@ def test_lower_no_ops_deform_conv_writes_a_model_without_it(tmp_path) -> None:
     names = [i.name for i in case.model.graph.input]
     inputs, expected = case.data_sets[0]
     assert_close(run(written, dict(zip(names, inputs)))[0], expected[0])
+
+
+# ---- (d) convlower.ops.deform_conv2d: eager semantics, gradients, both exporters ----------------
+
+
+@settings(max_examples=20)
+@given(node=deform_conv_nodes())
+def test_the_torch_op_computes_the_oracle(node) -> None:
+    """`convlower.ops.deform_conv2d` (torchvision's signature) on the same draws, symmetric pads only."""
+    model, feeds, found = node
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in model.graph.node[0].attribute}
+    pads = attrs["pads"]
+    if pads[:2] != pads[2:]:
+        return
+    weight = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w"))
+    bias = next((onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "b"), None)
+    mask = feeds.get("mask")
+    got = deform_conv2d(torch.from_numpy(feeds["x"]), torch.from_numpy(feeds["offset"]), torch.from_numpy(weight),
+                        None if bias is None else torch.from_numpy(bias), stride=attrs["strides"], padding=pads[:2],
+                        dilation=attrs["dilations"], mask=None if mask is None else torch.from_numpy(mask))
+    assert_close(got.numpy(), found["expected"].astype(np.float32))
+
+
+def test_the_torch_op_has_gradients() -> None:
+    rng = np.random.default_rng(3)
+    x = torch.tensor(rng.standard_normal((1, 2, 5, 5)), requires_grad=True)
+    offset = torch.tensor(rng.uniform(-1.3, 1.3, (1, 18, 5, 5)) + 0.25, requires_grad=True)
+    weight = torch.tensor(rng.standard_normal((3, 2, 3, 3)), requires_grad=True)
+    mask = torch.tensor(rng.random((1, 9, 5, 5)), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: deform_conv2d(t[0], t[1], t[2], padding=1, mask=t[3]), (x, offset, weight, mask))
+
+
+class DeformableBlock(torch.nn.Module):
+    """A DCNv2 block as detection heads write it: a Conv predicts offsets and a sigmoid mask."""
+
+    def __init__(self, channels: int = 4, out_channels: int = 6, modulated: bool = True) -> None:
+        super().__init__()
+        self.modulated = modulated
+        self.predict = torch.nn.Conv2d(channels, 27 if modulated else 18, 3, padding=1)
+        self.weight = torch.nn.Parameter(torch.randn(out_channels, channels, 3, 3) * 0.3)
+        self.bias = torch.nn.Parameter(torch.randn(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        predicted = self.predict(x)
+        mask = torch.sigmoid(predicted[:, 18:]) if self.modulated else None
+        return deform_conv2d(x, predicted[:, :18] * 2, self.weight, self.bias, padding=1, mask=mask)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("modulated", [False, True], ids=["dcnv1", "dcnv2"])
+def test_deform_conv2d_exports_to_one_deform_conv_node(dynamo: bool, modulated: bool) -> None:
+    torch.manual_seed(0)
+    block = DeformableBlock(modulated=modulated).eval()
+    x = torch.randn(1, 4, 7, 9)
+    model = convlower.export(block, (x,), dynamo=dynamo, opset=19)
+    (node,) = [n for n in model.graph.node if n.op_type == "DeformConv"]
+    assert node.domain == "" and len(node.input) == (5 if modulated else 4)
+    with torch.no_grad():
+        expected = block(x).numpy()
+    assert_close(run(model, {model.graph.input[0].name: x.numpy()})[0], expected)
+    for variant in LOWERINGS:
+        assert_close(run(lowered(model, variant), {model.graph.input[0].name: x.numpy()})[0], expected)
+
+
+def test_deform_conv2d_below_opset_19_is_a_clear_error() -> None:
+    block = DeformableBlock().eval()
+    with pytest.raises(UsageError, match="opset=19 or later"):
+        convlower.export(block, (torch.randn(1, 4, 5, 5),), dynamo=True, opset=18)
