@@ -44,7 +44,7 @@ import onnxruntime as ort
 import torch
 
 import convlower
-from convlower.models import FAMILIES, ZOO
+from convlower.models import FAMILIES, MIN_OPSET, ZOO
 from convlower.modelio import default_opset
 from convlower.optimize import OptimizeResult
 from convlower.rewrite import apply_choices, import_graph, plan_nodes
@@ -189,7 +189,7 @@ def oracle(model: onnx.ModelProto, result: OptimizeResult, runner: Runner, feeds
 
 def run_family(name: str, args: argparse.Namespace, runner: Runner) -> Row:
     module, inputs = ZOO[name](args.size)
-    model = convlower.export(module, inputs, dynamo=args.exporter == "dynamo")
+    model = convlower.export(module, inputs, dynamo=args.exporter == "dynamo", opset=MIN_OPSET.get(name, 18))
     names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     feeds = {n: t.numpy() for n, t in zip(names, inputs)}
     results: list[tuple[OptimizeResult, float]] = []

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="export, optimize and check a bundled dynamic-filter or cost-volume model")
     p.add_argument("--model", default="involution",
-                   help="kpn_denoiser, involution, carafe, seed_filter, stereo or flow (default involution)")
+                   help="kpn_denoiser, involution, carafe, seed_filter, stereo, flow or dcn_head (default involution)")
     p.add_argument("--report", metavar="REPORT.json", help="write the optimize report, with the error against torch, as JSON")
     _add_provider(p)
     return parser

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from convlower.models import CORRELATION, DYNAMIC_FILTER, FAMILIES, ZOO
+from convlower.models import CORRELATION, DYNAMIC_FILTER, FAMILIES, MIN_OPSET, ZOO
 
 from . import console
 from .errors import UsageError
@@ -28,6 +28,7 @@ from .optimize import optimize
 from .runner import Runner
 
 DEFAULT_MODEL = "involution"
+DEMO_MODELS = (*DYNAMIC_FILTER, *CORRELATION, "dcn_head")
 TORCH_ATOL = 1e-3
 """The optimized model's outputs must be within this of torch eager's for the demo to succeed."""
 
@@ -35,9 +36,9 @@ TORCH_ATOL = 1e-3
 def run_demo(model: str = DEFAULT_MODEL, provider: str = "auto", report: Path | None = None) -> int:
     """Export, optimize and check one dynamic-filter or cost-volume zoo model at its realistic size;
     0 when it verified and agrees with torch eager, else 1."""
-    if model not in DYNAMIC_FILTER + CORRELATION:
-        raise UsageError(f"demo model {model!r} is not a dynamic-filter or cost-volume zoo model",
-                         f"choose one of {', '.join(DYNAMIC_FILTER + CORRELATION)}")
+    if model not in DEMO_MODELS:
+        raise UsageError(f"demo model {model!r} is not a dynamic-filter, cost-volume or deformable zoo model",
+                         f"choose one of {', '.join(DEMO_MODELS)}")
     try:
         import torch
     except ImportError as exc:
@@ -51,7 +52,7 @@ def run_demo(model: str = DEFAULT_MODEL, provider: str = "auto", report: Path | 
     terminal.print(f"[bold]{model}[/bold]: {FAMILIES[model]}\ninputs {shapes}; exporting with torch.onnx (TorchScript exporter)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exported = export(module, inputs, dynamo=False)
+        exported = export(module, inputs, dynamo=False, opset=MIN_OPSET.get(model, 18))
     feeds = {i.name: t.numpy() for i, t in zip(exported.graph.input, inputs)}
 
     started = time.perf_counter()

@@ -6,7 +6,8 @@ for tests, "realistic" the shapes benchmarks use. Families with dynamic filters 
 filters predicted from the input, applied through `F.unfold`, what convlower's `DynamicFilter`
 recognizer and lowerings are for): `kpn_denoiser`, `involution`, `carafe`, `seed_filter`
 (`DYNAMIC_FILTER`). Families with cost volumes (a `LocalCorrelation` written the stereo and flow
-repositories' way): `stereo`, `flow` (`CORRELATION`).
+repositories' way): `stereo`, `flow` (`CORRELATION`). `dcn_head` holds deformable convolutions
+(ONNX DeformConv, so it exports at opset 19: `MIN_OPSET`).
 The others hold static Conv / ConvTranspose of varied kinds. `builders` holds ONNX models built
 without torch; `idioms` and `correlation_idioms` hold single dynamic-filter and correlation layers written the
 ways papers' code writes them (recognition tests and benchmarks use them).
@@ -37,10 +38,13 @@ FAMILIES: dict[str, str] = {
     "seed_filter": "seed 000's method_1 as written: unfold + einsum with given per-pixel filters (N=2048, 32x32, K=3)",
     "stereo": "stereo matching net: shared encoder, GwcNet's group-wise cost volume filled by slice assignment, soft-argmin",
     "flow": "optical-flow net: shared encoder, a 9x9 local correlation written with F.unfold, a conv head",
+    "dcn_head": "DCNv2 detector head: two modulated deformable 3x3 convolutions (ONNX DeformConv, opset 19)",
 }
 DYNAMIC_FILTER: tuple[str, ...] = ("kpn_denoiser", "involution", "carafe", "seed_filter")
 CORRELATION: tuple[str, ...] = ("stereo", "flow")
 """Families whose cost volume or correlation is a `convlower.LocalCorrelation` written as papers' code writes it."""
+MIN_OPSET: dict[str, int] = {"dcn_head": 19}
+"""Families that need an export opset above convlower.export's default 18 (DeformConv is opset 19)."""
 
 
 def load(name: str) -> Factory:

@@ -23,7 +23,7 @@ from onnx import helper
 
 import convlower.models
 import convlower
-from convlower.models import CORRELATION, DYNAMIC_FILTER, FAMILIES, ZOO, load
+from convlower.models import CORRELATION, DYNAMIC_FILTER, FAMILIES, MIN_OPSET, ZOO, load
 from convlower.passes.local_functions import DOMAIN
 from convlower.tune import ORIGINAL
 from tests.helpers import op_types, run
@@ -45,6 +45,7 @@ EXPECTED_OPS = {
     "seed_filter": {"Einsum"} | UNFOLD,
     "stereo": {"Conv", "Mul", "Softmax"},
     "flow": {"Conv", "Gather", "ReduceSum"},
+    "dcn_head": {"Conv", "DeformConv", "Sigmoid", "Relu"},
 }
 # A node each family must hold: (op type, attributes it has).
 EXPECTED_NODE: dict[str, tuple[str, dict[str, Any]]] = {
@@ -56,21 +57,21 @@ EXPECTED_NODE: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # The dynamo exporter is slower (seconds a model): it runs on the families whose export differs
 # in ways convlower cares about — the unfold idiom, and the causal Pad it folds into Conv pads.
-DYNAMO = (*DYNAMIC_FILTER, "tcn")
+DYNAMO = (*DYNAMIC_FILTER, "tcn", "dcn_head")
 
 
 def export(name: str, path: Path, dynamo: bool) -> tuple[onnx.ModelProto, np.ndarray, dict[str, np.ndarray]]:
     """The small model of family `name` exported to `path`, its torch output, and its feeds."""
     module, inputs = ZOO[name]("small")
-    return export_module(module, inputs, path, dynamo)
+    return export_module(module, inputs, path, dynamo, MIN_OPSET.get(name, 18))
 
 
 def export_module(
-    module: torch.nn.Module, inputs: tuple, path: Path, dynamo: bool
+    module: torch.nn.Module, inputs: tuple, path: Path, dynamo: bool, opset: int = 18
 ) -> tuple[onnx.ModelProto, np.ndarray, dict[str, np.ndarray]]:
-    """`module` exported by plain torch.onnx.export (opset 18) to `path`, its torch output, and its feeds."""
+    """`module` exported by plain torch.onnx.export (opset 18 unless told) to `path`, its torch output, and its feeds."""
     names = [f"x{i}" for i in range(len(inputs))]
-    torch.onnx.export(module, inputs, path, dynamo=dynamo, opset_version=18, input_names=names, output_names=["y"])
+    torch.onnx.export(module, inputs, path, dynamo=dynamo, opset_version=opset, input_names=names, output_names=["y"])
     with torch.no_grad():
         expected = module(*inputs)
     feeds = {n: t.numpy() for n, t in zip(names, inputs)}
@@ -164,7 +165,7 @@ def test_family_optimizes_and_verifies(name: str) -> None:
     """Every zoo model, exported with convlower.export, optimizes into a verified model that still
     matches torch; dynamic-filter families are found as DynamicFilter nodes."""
     module, inputs = ZOO[name]("small")
-    model = convlower.export(module, inputs, dynamo=False)
+    model = convlower.export(module, inputs, dynamo=False, opset=MIN_OPSET.get(name, 18))
     feeds = {i.name: t.numpy() for i, t in zip(model.graph.input, inputs)}
     result = convlower.optimize(model, inputs=feeds, provider="cpu", cache=None)
     report = result.report
