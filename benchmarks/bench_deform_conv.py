@@ -5,7 +5,7 @@
 
 Each case is one deformable 3x3 layer (offsets up to a few pixels, so taps fall between pixels and
 off the image) at a detector head's shape. Candidates, every one checked against the native node's
-output before anything is timed, then timed interleaved (`time_interleaved`, rotating order):
+output before anything is timed, then timed interleaved (`time_calls`, rotating order):
 
 - `native`: one ONNX DeformConv (opset 19), onnxruntime's own kernel;
 - `gather_im2col`, `grid_sample`: that node lowered by `convlower.lower`;
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import convlower
-from convlower.runner import Runner, TimingPolicy, time_interleaved
+from convlower.runner import Runner, TimingPolicy, time_calls
 from convlower.verify import compare
 
 CASES = {
@@ -130,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def time_interleaved_each(sessions: list, policy: TimingPolicy) -> list[float]:
     """Medians of sessions that take different feeds, interleaved as `time_interleaved` does."""
-    from convlower.runner import time_calls
-
     return [t.median_ms for t in time_calls([session.runner_for(feeds) for _, session, feeds in sessions], policy)]
 
 
