@@ -36,4 +36,4 @@ def test_demo_refuses_a_model_without_dynamic_filters(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "convlower", "demo", "--model", "resnet"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
-    assert "not a dynamic-filter or cost-volume zoo model" in proc.stderr and not list(tmp_path.iterdir())
+    assert "not a dynamic-filter, cost-volume or deformable zoo model" in proc.stderr and not list(tmp_path.iterdir())
