@@ -60,9 +60,9 @@ class Measurements:
         self.cached = 0
 
     @classmethod
-    def in_memory(cls, model: onnx.ModelProto) -> "Measurements":
-        """Measurements of `model` kept for this run only."""
-        return cls(TuningCache.open(None), model_digest(model), None, [])
+    def in_memory(cls) -> "Measurements":
+        """Measurements kept for this call only (of one model: nothing else reads them, so it needs no digest)."""
+        return cls(TuningCache.open(None), "", None, [])
 
     def paired(self, what: str, before: Any, after: Any, runs: Callable[[], tuple[Runs, Runs]],
                policy: PairedPolicy, threshold: float | None) -> list[PairedRatio]:
@@ -101,9 +101,10 @@ class Deadline:
     """Where `optimize(budget=...)` stops starting new work: `seconds` after it was made (never,
     with None). Stages ask `spent` before each step and cut their timing budgets to `left`."""
 
-    def __init__(self, seconds: float | None):
-        self.seconds = self.whole = seconds
-        self.start = time.perf_counter()
+    def __init__(self, seconds: float | None, *, start: float | None = None, whole: float | None = None):
+        self.seconds = seconds
+        self.whole = seconds if whole is None else whole
+        self.start = time.perf_counter() if start is None else start
 
     def left(self) -> float:
         return math.inf if self.seconds is None else self.seconds - (time.perf_counter() - self.start)
@@ -115,9 +116,7 @@ class Deadline:
 
     def share(self, fraction: float) -> "Deadline":
         """The deadline at `fraction` of this one's budget, from the same start."""
-        early = Deadline(None if self.seconds is None else self.seconds * fraction)
-        early.start, early.whole = self.start, self.seconds
-        return early
+        return Deadline(None if self.seconds is None else self.seconds * fraction, start=self.start, whole=self.whole)
 
     def describe(self) -> str:
         return f"the --budget of {self.whole:g} s left no time for it"

@@ -409,9 +409,9 @@ def deform_conv2d(
     kh, kw = weight.shape[2:]
     if torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing():
         inputs = (input, weight, offset, bias, mask)
+        attrs = _deform_attrs(input.shape[1], weight.shape, offset.shape[1], stride, padding, dilation)
         return torch.onnx.ops.symbolic(
-            "::DeformConv", inputs, _deform_attrs(offset, weight, stride, padding, dilation, input.shape[1]),
-            dtype=input.dtype, shape=[input.shape[0], weight.shape[0], *offset.shape[2:]],
+            "::DeformConv", inputs, attrs, dtype=input.dtype, shape=[input.shape[0], weight.shape[0], *offset.shape[2:]],
         )
     if torch.jit.is_tracing():
         return _deform_conv2d(input, offset, weight, bias, mask, list(stride), list(padding), list(dilation))
@@ -421,11 +421,12 @@ def deform_conv2d(
     return deform_conv2d_reference(input, offset, weight, bias, mask, stride, padding, dilation)
 
 
-def _deform_attrs(offset: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                  channels: int) -> dict[str, Any]:
-    kh, kw = int(weight.shape[2]), int(weight.shape[3])
+def _deform_attrs(channels: int, weight_shape: Sequence[int], offset_channels: int, stride: Sequence[int],
+                  padding: Sequence[int], dilation: Sequence[int]) -> dict[str, Any]:
+    """The DeformConv node's attributes, for either exporter: groups and offset groups read off the shapes."""
+    kh, kw = int(weight_shape[2]), int(weight_shape[3])
     return {"kernel_shape": [kh, kw], "strides": list(stride), "pads": [*padding, *padding], "dilations": list(dilation),
-            "group": int(channels) // int(weight.shape[1]), "offset_group": int(offset.shape[1]) // (2 * kh * kw)}
+            "group": int(channels) // int(weight_shape[1]), "offset_group": int(offset_channels) // (2 * kh * kw)}
 
 
 @symbolic_helper.parse_args("v", "v", "v", "v", "v", "is", "is", "is")
@@ -434,16 +435,14 @@ def _deform_symbolic(g, x, offset, weight, bias, mask, stride, padding, dilation
     if g.opset < DEFORM_CONV_OPSET:
         raise RuntimeError(f"deform_conv2d exports to ONNX DeformConv, which needs opset {DEFORM_CONV_OPSET}; "
                            f"export with opset {DEFORM_CONV_OPSET} or later (convlower.export(..., opset={DEFORM_CONV_OPSET}))")
-    w_sizes, o_sizes, x_sizes = weight.type().varyingSizes(), offset.type().varyingSizes(), x.type().varyingSizes()
-    kh, kw = w_sizes[2], w_sizes[3]
-    attrs = {"kernel_shape_i": [kh, kw], "strides_i": stride, "pads_i": [*padding, *padding], "dilations_i": dilation,
-             "group_i": x_sizes[1] // w_sizes[1], "offset_group_i": o_sizes[1] // (2 * kh * kw)}
+    attrs = _deform_attrs(x.type().varyingSizes()[1], weight.type().varyingSizes(), offset.type().varyingSizes()[1],
+                          stride, padding, dilation)
     inputs = [x, weight, offset, bias, mask]
     while inputs and symbolic_helper._is_none(inputs[-1]):
         inputs.pop()
     inputs = [g.op("Constant", value_t=torch.tensor([], dtype=torch.float32)) if symbolic_helper._is_none(v) else v
               for v in inputs]
-    return g.op("DeformConv", *inputs, **attrs)
+    return g.op("DeformConv", *inputs, **{f"{name}_i": value for name, value in attrs.items()})
 
 
 torch.onnx.register_custom_op_symbolic(DEFORM_TORCH_OP, _deform_symbolic, 1)

@@ -374,7 +374,7 @@ def tune_settings(
     CUDA graphs are left to `_try_cuda_graph`, on the model written. Every try, and why a
     setting did not apply or failed, goes to `report.session_settings["tried"]`. A setting measured
     before on the same model, inputs and environment is read from `measurements`' cache."""
-    measure = measurements or Measurements.in_memory(model)
+    measure = measurements or Measurements.in_memory()
     tried = report.session_settings.setdefault("tried", [])
     found = settings_candidates(runner.settings, model, len(timing_feeds)) if candidates is None else candidates
     for name, candidate, why_not in found:
@@ -688,7 +688,7 @@ def _confirm_in_context(
     if not candidates:
         return {}
     working = WorkingModel.of(original)
-    measure = measurements or Measurements.in_memory(working.original)
+    measure = measurements or Measurements.in_memory()
     by_name = {n.name: n for n in report.nodes}
     gain = {key: sum((by_name[n].original_ms or 0) - (by_name[n].chosen_ms or 0) for n in names) for key, names in candidates.items()}
     whole = _InModel(working, runner, timing_feeds)
@@ -909,7 +909,7 @@ def _guard(
     if not choices:
         report.verification = {"unchanged": True}
         return original
-    measure = measurements or Measurements.in_memory(original)
+    measure = measurements or Measurements.in_memory()
     choices = dict(choices)
     gains = {n.name: (n.original_ms or 0) - (n.chosen_ms or 0) for n in report.nodes if n.name in choices}
     while choices:

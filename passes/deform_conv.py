@@ -43,6 +43,7 @@ from .base import (
     spec_key,
     static_shape,
 )
+from .col2im import sliding_blocks
 
 DEFORM_CONV_OPSET = 19
 GRID_SAMPLE_OPSET = 16
@@ -79,10 +80,6 @@ class DeformConvSpec(GroupedKernelSizes):
         return len(self.image)
 
 
-def output_size(image: int, kernel: int, stride: int, dilation: int, pad_begin: int, pad_end: int) -> int:
-    return (image + pad_begin + pad_end - ((kernel - 1) * dilation + 1)) // stride + 1
-
-
 def make_spec(node: gs.Node, opset: int) -> DeformConvSpec:
     """The DeformConv node read into a spec: channels, image and kernel must be static."""
     x, weight = node.inputs[0], node.inputs[1]
@@ -105,7 +102,7 @@ def make_spec(node: gs.Node, opset: int) -> DeformConvSpec:
     if offset_group < 1 or in_channels % offset_group:
         raise NotLowerable(f"{in_channels} input channels do not divide into offset_group {offset_group}")
     image = tuple(int(d) for d in x_shape[2:])
-    output = tuple(output_size(*axis) for axis in zip(image, kernel, strides, dilations, pads, pads[rank:]))
+    output = tuple(sliding_blocks(*axis) for axis in zip(image, kernel, strides, dilations, pads, pads[rank:]))
     if min(output) < 1:
         raise NotLowerable(f"the dilated kernel {list(kernel)} does not fit the padded image {list(image)}")
     present = [i < len(node.inputs) and not node.inputs[i].is_empty() for i in (3, 4)]

@@ -24,7 +24,7 @@ from convlower.cli import main
 from convlower.errors import UsageError
 from convlower.ops import deform_conv2d
 from convlower.passes import family_for
-from convlower.passes.deform_conv import output_size
+from convlower.passes.col2im import sliding_blocks
 from tests.helpers import op_types, run, single_node_model
 from tests.oracles import deform_conv
 
@@ -82,7 +82,7 @@ def deform_conv_nodes(draw: st.DrawFn) -> tuple[onnx.ModelProto, dict[str, np.nd
     out_channels = group * draw(st.integers(1, 2))
     reach = [(k - 1) * d + 1 - p - q for k, d, p, q in zip(kernel, dilations, pads, pads[2:])]
     image = [draw(st.integers(max(1, r), max(1, r) + 4)) for r in reach]
-    output = [output_size(*axis) for axis in zip(image, kernel, strides, dilations, pads, pads[2:])]
+    output = [sliding_blocks(*axis) for axis in zip(image, kernel, strides, dilations, pads, pads[2:])]
     batch = draw(st.integers(1, 2))
     taps = kernel[0] * kernel[1]
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))

@@ -320,7 +320,7 @@ def test_when_nothing_wins_together_one_measurement_answers_for_every_group(extr
     model = chain_model(["a", "b", "c"])
     runner = Runner("cpu")
     report = guard_report(runner, {name: ("slow_native", 1.0, 0.5) for name in "abc"})
-    measure = Measurements.in_memory(model)
+    measure = Measurements.in_memory()
     kept = _confirm_in_context(model, dict.fromkeys("abc", "slow_native"), {f"group {n}": [n] for n in "abc"}, report, runner,
                                [random_feeds(model, {"x": (1, 4, 8, 8)})], measurements=measure)
     assert kept == {} and measure.timed == 1
