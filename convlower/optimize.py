@@ -228,7 +228,8 @@ def _prepare(model: ModelLike, input_shapes: ShapeProfiles | None, inputs: str |
     working.graph = import_graph(proto)
     working.planned = plan_nodes(working.graph, default_opset(proto))
     exported = {node.name for node in onnx_nodes(proto.graph)}
-    working.recognized_names = {e.name for e in working.planned if e.family.domain and e.name not in exported}
+    # made by a recognizer: a name the export does not have, not one planning gave an unnamed node
+    working.recognized_names = {e.name for e in working.planned if e.name not in exported and not e.named_by_plan}
     working.recognized = finish(proto, working.graph)
     working.profiles, working.feeds = profiles, feeds
     working.static = [_profile_shapes(working.recognized, working.planned, working.graph, shapes, feeds, runner) for shapes in profiles]
@@ -604,7 +605,7 @@ def _node_report(
     if len(tunings) > 1:
         profiles = [{"shape": _shape_text(s), "original_ms": t.original_ms,
                      "variants": {name: o.to_dict() for name, o in t.outcomes.items()}} for s, t in zip(shapes, tunings)]
-    chosen = choose_across(tunings, recognized=recognized)
+    chosen = choose_across(tunings, recognized=recognized, standard_op=not entry.family.domain)
     return NodeReport(entry.name, entry.op, _shape_text(shapes[0]), spec_dict(entry.spec), chosen, tunings[0].original_ms,
                       variants, cached=all(t.cached for t in tunings), recognized=recognized, profiles=profiles)
 

@@ -37,6 +37,8 @@ class PlannedNode:
     reason: str | None = None
     nested: bool = False
     """In an If/Loop/Scan body rather than the main graph."""
+    named_by_plan: bool = False
+    """The node had no name, and planning gave it one."""
     why_not: dict[str, str | None] = field(default_factory=dict)
 
     @property
@@ -57,9 +59,10 @@ def plan_nodes(graph: gs.Graph, opset: int) -> list[PlannedNode]:
             family = family_for(node.op, node.domain or "")
             if family is None:
                 continue
-            if not node.name:
+            named_by_plan = not node.name
+            if named_by_plan:
                 node.name = f"{node.op}_{depth}_{index}"
-            entry = PlannedNode(node.name, node.op, family, node, owner, nested=depth > 0)
+            entry = PlannedNode(node.name, node.op, family, node, owner, nested=depth > 0, named_by_plan=named_by_plan)
             try:
                 entry.spec = family.make_spec(node, opset)
             except NotLowerable as exc:

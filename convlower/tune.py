@@ -141,28 +141,35 @@ def tune_node(
     return NodeTuning(timings[0].median_ms, outcomes)
 
 
-def choose(tuning: NodeTuning, *, recognized: bool = False) -> str:
+def choose(tuning: NodeTuning, *, recognized: bool = False, standard_op: bool = False) -> str:
     """The fastest verified variant if it beats the original by MIN_GAIN, else the original.
 
     A `recognized` node (a canonical node a recognizer made from an exported idiom) has no
     original of its own to keep: keeping it means keeping the idiom, which its function body
     only stands in for. It gets its fastest verified variant; the guard still compares the
-    whole model with the idiom as exported.
+    whole model with the idiom as exported. Where the canonical node is a `standard_op` of ONNX
+    (DeformConv), its `native` variant is the runtime's own kernel and a candidate like the rest.
     """
-    timed = [(o.ms, name) for name, o in tuning.outcomes.items() if o.status == "ok" and o.ms is not None and name != NATIVE]
+    timed = [(o.ms, name) for name, o in tuning.outcomes.items()
+             if o.status == "ok" and o.ms is not None and _candidate(name, recognized, standard_op)]
     if not timed:
         return ORIGINAL
     ms, name = min(timed)
     return name if recognized or ms < tuning.original_ms * (1 - MIN_GAIN) else ORIGINAL
 
 
-def choose_across(tunings: Sequence[NodeTuning], *, recognized: bool = False) -> str:
+def _candidate(name: str, recognized: bool, standard_op: bool) -> bool:
+    return name != NATIVE or (recognized and standard_op)
+
+
+def choose_across(tunings: Sequence[NodeTuning], *, recognized: bool = False, standard_op: bool = False) -> str:
     """`choose` over several shape profiles: a variant verified at every profile and not slower
     than the original at any, whose geometric-mean ratio to the original beats it by MIN_GAIN.
     A `recognized` node takes the variant of least geometric-mean ratio (see `choose`)."""
     if len(tunings) == 1:
-        return choose(tunings[0], recognized=recognized)
-    verified = [{name for name, o in t.outcomes.items() if o.status == "ok" and o.ms is not None and name != NATIVE} for t in tunings]
+        return choose(tunings[0], recognized=recognized, standard_op=standard_op)
+    verified = [{name for name, o in t.outcomes.items()
+                 if o.status == "ok" and o.ms is not None and _candidate(name, recognized, standard_op)} for t in tunings]
     scored = []
     for name in set.intersection(*verified):
         ratios = [t.outcomes[name].ms / t.original_ms for t in tunings]  # type: ignore[operator]

@@ -544,6 +544,9 @@ def test_a_recognized_node_takes_its_fastest_variant_even_when_slower() -> None:
     assert choose(slower) == ORIGINAL
     assert choose(slower, recognized=True) == "shift_sum"
     assert choose(tuning(1.0, shift_sum=VariantOutcome("rejected", 0.5)), recognized=True) == ORIGINAL
+    kernel = tuning(1.0, native=VariantOutcome("ok", 0.2), grid_sample=VariantOutcome("ok", 0.4))
+    assert choose(kernel, recognized=True) == "grid_sample", "a function body's native stands in for the idiom"
+    assert choose(kernel, recognized=True, standard_op=True) == "native", "a standard op's native is the runtime's kernel"
 
 
 # --- the cache key ---------------------------------------------------------------------------------
