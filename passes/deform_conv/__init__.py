@@ -18,6 +18,15 @@ Rewrites:
 
 Both lowerings share the geometry (`_positions`) and the tail (`_contract`): a grouped im2col
 MatMul of `[group, out/group, in/group·K]` weights with `[N, group, in/group·K, oH·oW]` columns.
+
+Recognizers, one module each beside this one, rewrite the decompositions that exports carry when
+the op could not be exported into the canonical DeformConv node (`emit_deform_conv`), so that the
+tuner chooses between onnxruntime's kernel and the lowerings:
+
+    recognize_tap_grid_sample   one GridSample per tap (× mask), contracted with the weights
+                                (Einsum, MatMul, Conv 1x1, ...)              → DeformConv
+    recognize_gathered_corners  four bilinear corners by GatherND / GatherElements, weighted, summed
+                                (× mask), im2col layout, Conv of stride = kernel → DeformConv
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from typing import Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import (
+from ..base import (
     Builder,
     Dim,
     GroupedKernelSizes,
@@ -43,7 +52,7 @@ from .base import (
     spec_key,
     static_shape,
 )
-from .col2im import sliding_blocks
+from ..col2im import sliding_blocks
 
 DEFORM_CONV_OPSET = 19
 GRID_SAMPLE_OPSET = 16
@@ -227,6 +236,61 @@ def build_grid_sample(b: Builder, spec: DeformConvSpec, inputs: Sequence[gs.Tens
     if spec.has_mask:
         sampled = b.mul(sampled, b.reshape(inputs[4], [-1, 1, taps * oh, ow]))
     _contract(b, spec, b.reshape(sampled, [-1, spec.in_channels, taps, oh, ow]), inputs, outputs[0])
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the taps of a 2-D DeformConv read before their offsets: the regular grid of a Conv."""
+
+    kernel_shape: tuple[int, int]
+    strides: tuple[int, int]
+    dilations: tuple[int, int]
+    pads: tuple[int, int, int, int]
+
+    def attrs(self) -> dict[str, list[int]]:
+        return {"kernel_shape": list(self.kernel_shape), "strides": list(self.strides),
+                "dilations": list(self.dilations), "pads": list(self.pads)}
+
+
+def emit_deform_conv(
+    graph: gs.Graph,
+    name: str,
+    x: gs.Tensor,
+    weight: np.ndarray,
+    offset: gs.Tensor,
+    geometry: Geometry,
+    out: gs.Variable,
+    *,
+    bias: np.ndarray | None = None,
+    mask: gs.Tensor | None = None,
+    offset_channels: Sequence[int] | None = None,
+    mask_channels: Sequence[int] | None = None,
+) -> gs.Node:
+    """One canonical DeformConv node computing `out` (offset group 1, group 1): what a recognizer
+    calls once it has read a decomposition's weights and geometry. `offset_channels` and
+    `mask_channels` pick and order the channels of `offset` and `mask` that the op reads (offset
+    channel 2k the row offset of tap k, 2k + 1 its column offset), where the decomposition read
+    them from another layout; a Gather on the channel axis does it, none where they already are."""
+    dtype = x.dtype if x.dtype is not None else np.float32
+    inputs = [x, gs.Constant(f"{name}/weight", np.ascontiguousarray(weight, dtype)),
+              _picked(graph, name, offset, offset_channels, "offset"),
+              gs.Constant(f"{name}/bias", np.ascontiguousarray(bias, dtype)) if bias is not None else gs.Variable.empty()]
+    if mask is not None:
+        inputs.append(_picked(graph, name, mask, mask_channels, "mask"))
+    out.inputs.clear()
+    node = gs.Node("DeformConv", name=name, attrs=geometry.attrs(), inputs=inputs, outputs=[out])
+    graph.nodes.append(node)
+    return node
+
+
+def _picked(graph: gs.Graph, name: str, tensor: gs.Tensor, channels: Sequence[int] | None, what: str) -> gs.Tensor:
+    """`tensor`'s channels in the order given, or `tensor` itself where that order is all of them."""
+    size = tensor.shape[1] if tensor.shape is not None and len(tensor.shape) > 1 else None
+    if channels is None or (list(channels) == list(range(len(channels))) and size == len(channels)):
+        return tensor
+    index = gs.Constant(f"{name}/{what}_channels", np.asarray(channels, np.int64))
+    return graph.layer(op="Gather", name=f"{name}/{what}_gather", inputs=[tensor, index],
+                       outputs=[gs.Variable(f"{name}/{what}", dtype=tensor.dtype)], attrs={"axis": 1})[0]
 
 
 def _onnx_float(b: Builder) -> int:
