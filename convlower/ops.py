@@ -338,6 +338,7 @@ torch.onnx.register_custom_op_symbolic(CORRELATION_TORCH_OP, _correlation_symbol
 # --- DeformConv -----------------------------------------------------------------------------------------
 
 DEFORM_TORCH_OP = "convlower::deform_conv2d"
+TORCHVISION_DEFORM_OP = "torchvision::deform_conv2d"
 DEFORM_CONV_OPSET = 19
 """ONNX's DeformConv arrives in opset 19: `deform_conv2d` exports to it from there."""
 
@@ -431,18 +432,35 @@ def _deform_attrs(channels: int, weight_shape: Sequence[int], offset_channels: i
 
 @symbolic_helper.parse_args("v", "v", "v", "v", "v", "is", "is", "is")
 def _deform_symbolic(g, x, offset, weight, bias, mask, stride, padding, dilation):  # noqa: ANN001 - TorchScript graph values
-    """The TorchScript exporter's translation: one ONNX `DeformConv` (opset 19+)."""
+    """The TorchScript exporter's translation of `convlower.ops.deform_conv2d`: one ONNX `DeformConv` (opset 19+)."""
+    return _deform_node(g, x, weight, offset, bias, mask, stride, padding, dilation)
+
+
+@symbolic_helper.parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "i", "i", "i", "i", "b")
+def _torchvision_deform_symbolic(g, x, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w,  # noqa: ANN001
+                                 dilation_h, dilation_w, groups, offset_groups, use_mask):
+    """The TorchScript exporter's translation of `torchvision.ops.deform_conv2d`, which torch has
+    none of (the dynamo exporter's comes with onnxscript): one ONNX `DeformConv` (opset 19+).
+    torchvision passes a zero bias where there is none, and a placeholder mask where `use_mask` is false."""
+    return _deform_node(g, x, weight, offset, bias, mask if use_mask else None,
+                        (stride_h, stride_w), (pad_h, pad_w), (dilation_h, dilation_w))
+
+
+def _deform_node(g, x, weight, offset, bias, mask, stride, padding, dilation):  # noqa: ANN001 - TorchScript graph values
     if g.opset < DEFORM_CONV_OPSET:
         raise RuntimeError(f"deform_conv2d exports to ONNX DeformConv, which needs opset {DEFORM_CONV_OPSET}; "
                            f"export with opset {DEFORM_CONV_OPSET} or later (convlower.export(..., opset={DEFORM_CONV_OPSET}))")
     attrs = _deform_attrs(x.type().varyingSizes()[1], weight.type().varyingSizes(), offset.type().varyingSizes()[1],
                           stride, padding, dilation)
     inputs = [x, weight, offset, bias, mask]
-    while inputs and symbolic_helper._is_none(inputs[-1]):
+    while inputs and (inputs[-1] is None or symbolic_helper._is_none(inputs[-1])):
         inputs.pop()
-    inputs = [g.op("Constant", value_t=torch.tensor([], dtype=torch.float32)) if symbolic_helper._is_none(v) else v
+    inputs = [g.op("Constant", value_t=torch.tensor([], dtype=torch.float32)) if v is None or symbolic_helper._is_none(v) else v
               for v in inputs]
     return g.op("DeformConv", *inputs, **{f"{name}_i": value for name, value in attrs.items()})
 
 
 torch.onnx.register_custom_op_symbolic(DEFORM_TORCH_OP, _deform_symbolic, 1)
+# Opset 1, the lowest: a translation the user registers for an opset of their own (deform_conv2d_onnx_exporter's, at
+# 12) takes precedence from that opset on.
+torch.onnx.register_custom_op_symbolic(TORCHVISION_DEFORM_OP, _torchvision_deform_symbolic, 1)

@@ -155,6 +155,27 @@ def test_lower_no_ops_deform_conv_writes_a_model_without_it(tmp_path) -> None:
     assert_close(run(written, dict(zip(names, inputs)))[0], expected[0])
 
 
+@pytest.mark.parametrize("variant", LOWERINGS)
+def test_the_lowered_model_runs_on_openvino_which_lacks_deform_conv(tmp_path, variant: str) -> None:
+    """OpenVINO's ONNX frontend does not convert DeformConv; the model `lower --no-ops DeformConv`
+    writes runs there and equals onnxruntime's kernel on the original (a torch DCNv2 block)."""
+    ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (`pip install -e '.[dev]'` brings it): "
+                                                "the check on a runtime without DeformConv needs it")
+    torch.manual_seed(2)
+    block = DeformableBlock(channels=5, out_channels=4).eval()
+    x = torch.randn(1, 5, 9, 11)
+    source, out = tmp_path / "dcn.onnx", tmp_path / "dcn.lowered.onnx"
+    onnx.save(convlower.export(block, (x,), opset=19), source)
+    assert main(["lower", str(source), "--variant", f"DeformConv={variant}", "-o", str(out), "--no-ops", "DeformConv"]) == 0
+    core = ov.Core()
+    with pytest.raises(Exception, match="DeformConv|OpConversionFailure"):
+        core.compile_model(core.read_model(str(source)), "CPU")
+    # f32: on CPUs with bf16 units OpenVINO otherwise computes in bfloat16
+    compiled = core.compile_model(core.read_model(str(out)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    feeds = {onnx.load(str(source)).graph.input[0].name: x.numpy()}
+    assert_close(compiled(feeds)[0], run(onnx.load(str(source)), feeds)[0])
+
+
 # ---- (d) convlower.ops.deform_conv2d: eager semantics, gradients, both exporters ----------------
 
 
@@ -221,3 +242,34 @@ def test_deform_conv2d_below_opset_19_is_a_clear_error() -> None:
     block = DeformableBlock().eval()
     with pytest.raises(UsageError, match="opset=19 or later"):
         convlower.export(block, (torch.randn(1, 4, 5, 5),), dynamo=True, opset=18)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("modulated", [False, True], ids=["dcnv1", "dcnv2"])
+def test_torchvision_deform_conv2d_exports_to_one_deform_conv_node(dynamo: bool, modulated: bool) -> None:
+    """torchvision.ops.DeformConv2d through convlower.export: one DeformConv, equal to torchvision's kernel."""
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed (the project's torch pin has no "
+                                                            "matching build here; README, Deformable convolution)")
+
+    class TorchvisionBlock(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.predict = torch.nn.Conv2d(4, 27 if modulated else 18, 3, stride=2, padding=1)
+            self.dcn = torchvision.ops.DeformConv2d(4, 6, 3, stride=2, padding=1, groups=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            predicted = self.predict(x)
+            return self.dcn(x, predicted[:, :18] * 2, predicted[:, 18:].sigmoid() if modulated else None)
+
+    torch.manual_seed(3)
+    block = TorchvisionBlock().eval()
+    x = torch.randn(1, 4, 9, 12)
+    model = convlower.export(block, (x,), dynamo=dynamo, opset=19)
+    (node,) = [n for n in model.graph.node if n.op_type == "DeformConv"]
+    assert len([i for i in node.input if i]) == (5 if modulated else 4)
+    with torch.no_grad():
+        expected = block(x).numpy()
+    feeds = {model.graph.input[0].name: x.numpy()}
+    assert_close(run(model, feeds)[0], expected)
+    for variant in LOWERINGS:
+        assert_close(run(lowered(model, variant), feeds)[0], expected)
