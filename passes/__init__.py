@@ -5,7 +5,8 @@ between); a recognizer rewrites an exported idiom into a family's canonical node
 module, or a package that holds its recognizers beside it:
 
     conv.py, conv_transpose.py, col2im.py,     standard ops, no recognizer
-    deform_conv/                               DeformConv               + recognize_tap_grid_sample
+    deform_conv/                               DeformConv               + recognize_tap_grid_sample,
+                                                 recognize_gathered_corners
     unfold/                                    convlower.Unfold         + recognize_unfold
     dynamic_filter/                            convlower.DynamicFilter  + recognize_unfold_filter,
                                                  recognize_shift_loop, recognize_stacked_shifts,
@@ -26,7 +27,7 @@ import onnx_graphsurgeon as gs
 
 from . import col2im, conv, conv_transpose, deform_conv, dynamic_filter, local_correlation, pixel_adaptive_conv, unfold
 from .base import Builder, NotLowerable, OpFamily, SimpleVariant, Variant, spec_dict, spec_key
-from .deform_conv import recognize_tap_grid_sample
+from .deform_conv import recognize_gathered_corners, recognize_tap_grid_sample
 from .dynamic_filter import recognize_shift_loop, recognize_stacked_shifts, recognize_tensor_unfold, recognize_unfold_filter
 from .local_correlation import (
     recognize_correlation_loop,
@@ -55,6 +56,7 @@ FAMILIES: dict[str, OpFamily] = {
 Recognizer = Callable[[gs.Graph, int], None]
 RECOGNIZERS: list[Recognizer] = [
     recognize_tap_grid_sample.recognize_tap_grid_samples,
+    recognize_gathered_corners.recognize_gathered_corners,
     recognize_unfold_filter.recognize_dynamic_filters,
     recognize_pac.recognize_pixel_adaptive_convs,
     # Cost volumes and local attention before the shift and Tensor.unfold filter recognizers: they

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from ..base import (
@@ -265,9 +266,11 @@ def emit_deform_conv(
     mask: gs.Tensor | None = None,
     offset_channels: Sequence[int] | None = None,
     mask_channels: Sequence[int] | None = None,
+    group: int = 1,
+    offset_group: int = 1,
 ) -> gs.Node:
-    """One canonical DeformConv node computing `out` (offset group 1, group 1): what a recognizer
-    calls once it has read a decomposition's weights and geometry. `offset_channels` and
+    """One canonical DeformConv node computing `out`: what a recognizer calls once it has read a
+    decomposition's weights and geometry. `offset_channels` and
     `mask_channels` pick and order the channels of `offset` and `mask` that the op reads (offset
     channel 2k the row offset of tap k, 2k + 1 its column offset), where the decomposition read
     them from another layout; a Gather on the channel axis does it, none where they already are."""
@@ -278,9 +281,34 @@ def emit_deform_conv(
     if mask is not None:
         inputs.append(_picked(graph, name, mask, mask_channels, "mask"))
     out.inputs.clear()
-    node = gs.Node("DeformConv", name=name, attrs=geometry.attrs(), inputs=inputs, outputs=[out])
+    attrs = {**geometry.attrs(), "group": group, "offset_group": offset_group}
+    node = gs.Node("DeformConv", name=name, attrs=attrs, inputs=inputs, outputs=[out])
     graph.nodes.append(node)
     return node
+
+
+def reference_model(
+    x_shape: Sequence[int], weight: np.ndarray, bias: np.ndarray | None, offset_shape: Sequence[int],
+    mask_shape: Sequence[int] | None, geometry: Geometry, group: int, offset_group: int, opset: int,
+) -> onnx.ModelProto:
+    """A DeformConv as a model computed by the `gather_im2col` lowering, so in ops every runtime has:
+    what recognizers compare a decomposition with (inputs `x`, `offset`, `mask`; output `y`)."""
+    graph = gs.Graph(opset=max(opset, 13))
+    x = gs.Variable("x", np.float32, list(x_shape))
+    offset = gs.Variable("offset", np.float32, list(offset_shape))
+    mask = gs.Variable("mask", np.float32, list(mask_shape)) if mask_shape is not None else None
+    y = gs.Variable("y", np.float32)
+    inputs = [x, gs.Constant("w", np.asarray(weight, np.float32)), offset,
+              gs.Constant("b", np.asarray(bias, np.float32)) if bias is not None else gs.Variable.empty()]
+    if mask is not None:
+        inputs.append(mask)
+    node = gs.Node("DeformConv", attrs={**geometry.attrs(), "group": group, "offset_group": offset_group}, inputs=inputs, outputs=[y])
+    graph.inputs, graph.outputs = [t for t in (x, offset, mask) if t is not None], [y]
+    spec = make_spec(node, DEFORM_CONV_OPSET)
+    node.inputs.clear()
+    node.outputs.clear()
+    build_gather_im2col(Builder(graph, graph.opset, "reference"), spec, inputs, [y])
+    return gs.export_onnx(graph.cleanup().toposort(), do_type_check=False)
 
 
 def _picked(graph: gs.Graph, name: str, tensor: gs.Tensor, channels: Sequence[int] | None, what: str) -> gs.Tensor:

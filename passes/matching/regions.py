@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from convlower.modelio import runtime_compatible
+
 from ..base import constant_value
 from .symbolic import _exported
 
@@ -85,6 +87,6 @@ def run_region(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(runtime_compatible(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
     dtypes = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in model.graph.input}
     return session.run(None, {name: np.asarray(value, dtypes[name]) for name, value in feeds.items()})
