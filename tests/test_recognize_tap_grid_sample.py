@@ -153,7 +153,7 @@ def test_the_recognized_model_equals_torch(exported, variant: str) -> None:
 
 def test_recognition_reads_the_geometry_of_each_layer(exported) -> None:
     _, model, _ = exported
-    nodes = {n.output[0]: {a.name: list(onnx.helper.get_attribute_value(a)) for a in n.attribute}
+    nodes = {n.output[0]: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
              for n in model.graph.node if n.op_type == "DeformConv"}
     assert nodes["split_offsets_strided_dilated_aligned"]["strides"] == [2, 2]
     assert nodes["split_offsets_strided_dilated_aligned"]["dilations"] == [2, 2]

@@ -142,7 +142,7 @@ def test_import_does_not_import_torch() -> None:
 
 
 def test_registry_lists_every_family_module() -> None:
-    modules = {p.stem for p in Path(convlower.models.__file__).parent.glob("*.py")} - {"__init__", "builders", "common", "idioms", "correlation_idioms"}
+    modules = {p.stem for p in Path(convlower.models.__file__).parent.glob("*.py")} - {"__init__", "builders", "common", "idioms", "correlation_idioms", "deform_idioms"}
     assert set(FAMILIES) == set(ZOO) == modules
     assert set(DYNAMIC_FILTER) | set(CORRELATION) <= set(FAMILIES)
     with pytest.raises(KeyError, match="unknown model family"):
