@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import onnx
 
+from convlower.passes.deform_conv import CARRIER_OPSET, carry_below_opset_19
 from convlower.passes.local_functions import DOMAIN, DOMAIN_VERSION, attach_functions
 
 from .errors import UsageError
@@ -53,7 +54,7 @@ def export(
     """
     import torch
 
-    from . import ops  # registers the ops' symbolics for the TorchScript exporter
+    from . import ops  # noqa: F401 - registers the ops' symbolics for the TorchScript exporter
 
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     names = list(input_names) if input_names is not None else _parameter_names(module, len(args))
@@ -98,10 +99,11 @@ def export(
             **export_kwargs,
         )
         model = onnx.load_from_string(buffer.getvalue())
-    if opset < ops.DEFORM_CONV_OPSET and any(n.op_type == "DeformConv" and n.domain in ("", "ai.onnx") for n in model.graph.node):
-        raise UsageError(f"the module calls deform_conv2d, which exports to ONNX DeformConv (opset {ops.DEFORM_CONV_OPSET} and "
-                         f"later); this export is at opset {opset}", f"export with opset={ops.DEFORM_CONV_OPSET} or later")
-    runtime_compatible(attach_functions(model))
+    if opset < CARRIER_OPSET and any(n.op_type == "DeformConv" for n in model.graph.node):
+        raise UsageError(f"the module calls deform_conv2d, which below opset 19 exports as a convlower.DeformConv whose "
+                         f"function body needs opset {CARRIER_OPSET}; this export is at opset {opset}",
+                         f"export with opset={CARRIER_OPSET} or later (19 and later: ONNX's own DeformConv)")
+    runtime_compatible(attach_functions(carry_below_opset_19(model)))
     if path is not None:
         save_model(model, path)
     return model

@@ -340,7 +340,8 @@ torch.onnx.register_custom_op_symbolic(CORRELATION_TORCH_OP, _correlation_symbol
 DEFORM_TORCH_OP = "convlower::deform_conv2d"
 TORCHVISION_DEFORM_OP = "torchvision::deform_conv2d"
 DEFORM_CONV_OPSET = 19
-"""ONNX's DeformConv arrives in opset 19: `deform_conv2d` exports to it from there."""
+"""ONNX's DeformConv arrives in opset 19: `deform_conv2d` exports to it from there; below, `convlower.export`
+makes each node a `convlower.DeformConv` carrier with a model-local function body (`passes.deform_conv`)."""
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -404,7 +405,8 @@ def deform_conv2d(
     signature and semantics, for code that has no torchvision: input `[N, C, H, W]`, offset
     `[N, 2·offset_groups·kh·kw, oH, oW]` ((Δy, Δx) per tap), weight `[out, C/groups, kh, kw]`
     (groups = C / weight's second dim), mask `[N, offset_groups·kh·kw, oH, oW]`. Differentiable
-    in eager mode; exported (opset 19+, either exporter) as one ONNX `DeformConv` node.
+    in eager mode; exported (either exporter) as one ONNX `DeformConv` node, or below opset 19 by
+    `convlower.export` as one `convlower.DeformConv` carrier that runs by its function body.
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     kh, kw = weight.shape[2:]
@@ -447,9 +449,6 @@ def _torchvision_deform_symbolic(g, x, weight, offset, mask, bias, stride_h, str
 
 
 def _deform_node(g, x, weight, offset, bias, mask, stride, padding, dilation):  # noqa: ANN001 - TorchScript graph values
-    if g.opset < DEFORM_CONV_OPSET:
-        raise RuntimeError(f"deform_conv2d exports to ONNX DeformConv, which needs opset {DEFORM_CONV_OPSET}; "
-                           f"export with opset {DEFORM_CONV_OPSET} or later (convlower.export(..., opset={DEFORM_CONV_OPSET}))")
     attrs = _deform_attrs(x.type().varyingSizes()[1], weight.type().varyingSizes(), offset.type().varyingSizes()[1],
                           stride, padding, dilation)
     inputs = [x, weight, offset, bias, mask]

@@ -28,7 +28,7 @@ import onnx.inliner
 import onnx_graphsurgeon as gs
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from convlower.passes import FAMILIES, spec_dict
+from convlower.passes import FAMILIES, family_for, spec_dict
 from convlower.passes.base import constant_value, onnx_dtype, onnx_nodes
 
 from . import __version__
@@ -118,8 +118,7 @@ def _split_filter(item: str) -> tuple[str, list[str]]:
 
 def inline_foreign_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """Inline model-local functions, except the canonical ops a pass family lowers as a whole."""
-    keep = [(f.domain, f.name) for f in model.functions if FAMILIES.get(f.name.lower(), None) is not None
-            and FAMILIES[f.name.lower()].domain == f.domain]
+    keep = [(f.domain, f.name) for f in model.functions if family_for(f.name, f.domain) is not None]
     if len(keep) == len(model.functions):
         return model
     return onnx.inliner.inline_selected_functions(model, keep, exclude=True)

@@ -35,6 +35,7 @@ from .local_correlation import (
     recognize_unfold_correlation,
     recognize_volume_scatter,
 )
+from .local_functions import DOMAIN
 from .pixel_adaptive_conv import recognize_pac
 from .unfold import recognize_unfold
 
@@ -82,9 +83,11 @@ onnxruntime still runs: a canonical op it introduces carries its model-local fun
 def family_for(op_type: str, domain: str = "") -> OpFamily | None:
     """The family that lowers nodes of this type and domain, or None."""
     family = FAMILIES.get(op_type.lower())
-    if family is None or (family.domain or "") != (domain or ""):
+    if family is None:
         return None
-    return family
+    if (family.domain or "") == (domain or "") or (family.carried_by_function and domain == DOMAIN):
+        return family
+    return None
 
 
 __all__ = [

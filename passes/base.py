@@ -114,6 +114,9 @@ class OpFamily:
     domain: str
     make_spec: Callable[[gs.Node, int], Any]
     variants: tuple[Variant, ...]
+    carried_by_function: bool = False
+    """A standard op that exports carry, below the opset that brought it, as a node of the same type
+    in convlower's domain with a model-local function body (DeformConv under opset 19)."""
 
     def variant(self, name: str) -> Variant | None:
         return next((v for v in self.variants if v.name == name), None)

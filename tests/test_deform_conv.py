@@ -25,6 +25,8 @@ from convlower.errors import UsageError
 from convlower.ops import deform_conv2d
 from convlower.passes import family_for
 from convlower.passes.col2im import sliding_blocks
+from convlower.passes.deform_conv import carry_below_opset_19
+from convlower.passes.local_functions import attach_functions
 from tests.helpers import op_types, run, single_node_model
 from tests.oracles import deform_conv
 
@@ -130,6 +132,25 @@ def test_the_oracle_agrees_with_onnx_reference(node) -> None:
         return
     (reference,) = ReferenceEvaluator(model).run(None, feeds)
     assert_close(reference, found["expected"].astype(np.float32))
+
+
+@settings(max_examples=30)
+@given(node=deform_conv_nodes())
+def test_the_carrier_below_opset_19_equals_onnxruntimes_kernel(node) -> None:
+    """The same node at opset 18, as the convlower.DeformConv carrier: its function body (sizes read
+    at run time) and every lowering of it equal onnxruntime's DeformConv; `native` does not apply."""
+    model, feeds, _ = node
+    native = run(model, feeds)[0]
+    carried = onnx.ModelProto()
+    carried.CopyFrom(model)
+    next(o for o in carried.opset_import if o.domain in ("", "ai.onnx")).version = 18
+    attach_functions(carry_below_opset_19(carried))
+    assert carried.graph.node[0].domain == "convlower"
+    assert_close(run(carried, feeds)[0], native)
+    for variant in LOWERINGS:
+        assert_close(run(lowered(carried, variant), feeds)[0], native)
+    (outcome,) = convlower.lower(carried, {"DeformConv": "native"}).nodes
+    assert outcome.variant is None and "DeformConv needs opset 19" in outcome.reason
 
 
 # ---- (c) where the lowerings do not apply, and the command line ---------------------------------
@@ -238,10 +259,43 @@ def test_deform_conv2d_exports_to_one_deform_conv_node(dynamo: bool, modulated: 
         assert_close(run(lowered(model, variant), {model.graph.input[0].name: x.numpy()})[0], expected)
 
 
-def test_deform_conv2d_below_opset_19_is_a_clear_error() -> None:
+@pytest.mark.parametrize("dynamo, opset", [(False, 12), (False, 18), (True, 18)], ids=["torchscript-12", "torchscript-18", "dynamo-18"])
+@pytest.mark.parametrize("modulated", [False, True], ids=["dcnv1", "dcnv2"])
+def test_deform_conv2d_below_opset_19_exports_a_carrier(dynamo: bool, opset: int, modulated: bool) -> None:
+    """Below opset 19 (torch's default is 18) deform_conv2d exports as a convlower.DeformConv carrier,
+    which onnxruntime runs by its function body, and which lowers like DeformConv."""
+    torch.manual_seed(1)
+    block = DeformableBlock(modulated=modulated).eval()
+    x = torch.randn(1, 4, 7, 9)
+    model = convlower.export(block, (x,), dynamo=dynamo, opset=opset)
+    (node,) = [n for n in model.graph.node if n.op_type == "DeformConv"]
+    assert node.domain == "convlower" and [f.name for f in model.functions] == ["DeformConv"]
+    with torch.no_grad():
+        expected = block(x).numpy()
+    feeds = {model.graph.input[0].name: x.numpy()}
+    assert_close(run(model, feeds)[0], expected)
+    for variant in LOWERINGS:
+        if variant == "grid_sample" and opset < 16:
+            continue
+        assert_close(run(lowered(model, variant), feeds)[0], expected)
+
+
+def test_the_carriers_body_takes_any_image_size() -> None:
+    """The function body reads every size at run time: one export with symbolic height and width."""
+    torch.manual_seed(2)
     block = DeformableBlock().eval()
-    with pytest.raises(UsageError, match="opset=19 or later"):
-        convlower.export(block, (torch.randn(1, 4, 5, 5),), dynamo=True, opset=18)
+    axes = {"x": {2: "height", 3: "width"}}
+    model = convlower.export(block, (torch.randn(1, 4, 7, 9),), dynamo=False, opset=17, dynamic_axes=axes)
+    for size in [(5, 6), (11, 8)]:
+        x = torch.randn(1, 4, *size)
+        with torch.no_grad():
+            assert_close(run(model, {"x": x.numpy()})[0], block(x).numpy())
+
+
+def test_deform_conv2d_below_the_carriers_opset_is_a_clear_error() -> None:
+    block = DeformableBlock().eval()
+    with pytest.raises(UsageError, match="opset=11 or later"):
+        convlower.export(block, (torch.randn(1, 4, 5, 5),), dynamo=False, opset=10)
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])

@@ -87,18 +87,18 @@ class Several(nn.Module):
         return tuple(layer(x) for layer in self.layers)
 
 
-def export(module: nn.Module, dynamo: bool, symbolic: bool) -> onnx.ModelProto:
+def export(module: nn.Module, dynamo: bool, symbolic: bool, opset: int = 19) -> onnx.ModelProto:
     x = torch.randn(*SIZES[0])
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
             shapes = {"x": {0: torch.export.Dim("batch", min=1, max=64)}} if symbolic else None
-            torch.onnx.export(module, (x,), buffer, dynamo=True, opset_version=19, input_names=["x"],
+            torch.onnx.export(module, (x,), buffer, dynamo=True, opset_version=opset, input_names=["x"],
                               output_names=module.names, dynamic_shapes=shapes, verbose=False)
         else:
             axes = {"x": {0: "batch"}} if symbolic else None
-            torch.onnx.export(module, (x,), buffer, dynamo=False, opset_version=19, input_names=["x"],
+            torch.onnx.export(module, (x,), buffer, dynamo=False, opset_version=opset, input_names=["x"],
                               output_names=module.names, dynamic_axes=axes)
     return onnx.load_from_string(buffer.getvalue())
 
@@ -206,9 +206,22 @@ def test_look_alikes_are_left_as_they_are(kind: str, dynamo: bool) -> None:
     np.testing.assert_allclose(run(result, {"x": x.numpy()})[0], expected, atol=ATOL, rtol=1e-4)
 
 
-def test_below_opset_19_nothing_is_recognized() -> None:
+def test_below_opset_19_each_layer_becomes_a_carrier_that_runs() -> None:
+    """Ports export at torch's default opsets (17, 18), where ONNX has no DeformConv: each layer
+    becomes a convlower.DeformConv carrier, which onnxruntime runs by its function body."""
+    model = export(several(), dynamo=False, symbolic=False, opset=17)
+    result = recognized(model)
+    carriers = [n for n in result.graph.node if n.op_type == "DeformConv"]
+    assert len(carriers) == len(LAYERS) and all(n.domain == "convlower" for n in carriers)
+    assert "GridSample" not in op_types(result)
+    x = np.random.default_rng(4).standard_normal(SIZES[0]).astype(np.float32)
+    for want, got in zip(run(model, {"x": x}), run(result, {"x": x})):
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=1e-4)
+
+
+def test_below_grid_samples_opset_nothing_is_recognized() -> None:
     model = export(several(), dynamo=False, symbolic=False)
     graph = import_graph(model, recognize=False)
     before = len(graph.nodes)
-    recognize_tap_grid_samples(graph, 18)
+    recognize_tap_grid_samples(graph, 15)
     assert len(graph.nodes) == before

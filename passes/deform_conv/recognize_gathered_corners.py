@@ -9,7 +9,7 @@ paper, and code in the style of its pure-torch ports ends the same way:
     v_c = GatherND(Transpose(Reshape(Pad(X))), [y_c, x_c])  |  GatherElements(Reshape(Pad(X)), y_c·W + x_c)
     v = Sum_c weight_c · v_c  [× Reshape(mask)]                  [N, G, C/G, K, oH, oW]
     Y = Conv(Reshape(Transpose(Reshape(v))), W, strides = kernel_shape) [+ bias]     the im2col layout [N, C, oH·kh, oW·kw]
-    ⇒ DeformConv(X, W, offset, bias, mask)
+    ⇒ DeformConv(X, W, offset, bias, mask)       (below opset 19: the convlower.DeformConv carrier)
 
 The anchor is the last step: a Conv whose strides equal its constant kernel's shape, without pads
 or dilations, reading a layout of sampled columns. Walking back from it through the sampling
@@ -25,8 +25,8 @@ region is run (`regions.run_region`), and is the rewrite only where:
 
 The Conv's bias and a constant bias added after it (`+ bias.view(1, -1, 1, 1)`) become the node's bias.
 
-Not matched (left as exported): any opset below DeformConv's 19 (the exporter's own minimum is
-12); symbolic dims (the exporter writes static Reshape targets anyway); positions computed other
+Not matched (left as exported): opsets below 11, where the carrier's body does not run (the
+exporter's own minimum is 12); symbolic dims (the exporter writes static Reshape targets anyway); positions computed other
 than from the offsets as they are (the probe refuses them).
 """
 
@@ -41,7 +41,7 @@ import onnx_graphsurgeon as gs
 from ..base import constant_value, static_shape
 from ..col2im import sliding_blocks
 from ..matching.regions import POSITION_OPS, is_constant, region_model, run_region
-from . import DEFORM_CONV_OPSET, Geometry, emit_deform_conv, reference_model
+from . import CARRIER_OPSET, DEFORM_CONV_OPSET, Geometry, emit_deform_conv, reference_model
 
 GATHERS = frozenset({"GatherND", "GatherElements", "Gather"})
 SAMPLING_OPS = POSITION_OPS | GATHERS | {"Clip", "Pad", "Sum", "Floor", "Ceil", "Min", "Max", "Round"}
@@ -68,12 +68,13 @@ class GatheredCornersMatch:
 
 def recognize_gathered_corners(graph: gs.Graph, opset: int) -> None:
     """Replace every gathered-corners decomposition of a deformable convolution with one DeformConv."""
-    if opset < DEFORM_CONV_OPSET or not any(n.op in GATHERS for n in graph.nodes):
+    if opset < CARRIER_OPSET or not any(n.op in GATHERS for n in graph.nodes):
         return
     matches = [m for node in graph.nodes if node.op == "Conv" and not node.domain for m in [match_gathered_corners(graph, node)] if m]
     for match in matches:
         emit_deform_conv(graph, f"{match.output.name}/DeformConv", match.image, match.weight, match.offset, match.geometry,
-                         match.output, bias=match.bias, mask=match.mask, group=match.group, offset_group=match.offset_group)
+                         match.output, bias=match.bias, mask=match.mask, group=match.group, offset_group=match.offset_group,
+                         opset=opset)
     if matches:
         graph.cleanup().toposort()
 

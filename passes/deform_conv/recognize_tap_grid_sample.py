@@ -8,7 +8,7 @@ weights:
     grid_k = normalize(base_k + offset[:, c_y(k)], base_k + offset[:, c_x(k)])         for k < K
     T_k = GridSample(X, grid_k) [× mask[:, m(k)]]                                        [N, C, oH, oW]
     Y = Σ_{c,k} W[:, c, k] · T_k[:, c] + b   (stack ∘ Einsum | Concat ∘ Conv 1x1 | Σ Conv 1x1 | ...)
-    ⇒ DeformConv(X, W, offset[:, order], b, mask[:, order])
+    ⇒ DeformConv(X, W, offset[:, order], b, mask[:, order])    (below opset 19: the convlower.DeformConv carrier)
 
 Exports spell the grids (Gather or Slice of the offsets, Add, Mul, Div, Sub, Unsqueeze, Concat) and
 the contraction many ways, so the structure only finds the region's boundary: the GridSample
@@ -29,7 +29,7 @@ running it (`regions.run_region`), and is the rewrite only where:
 Not matched (left as exported): offset groups (each group's GridSample reads a slice of X),
 GridSample other than bilinear with zeros outside (border or reflection padding is not DCN's
 zero-outside sampling), offsets scaled or bounded before use (a grid that moves by 2·offset or by
-tanh(offset)), and any opset below DeformConv's 19.
+tanh(offset)).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import onnx_graphsurgeon as gs
 from ..base import attr_text, static_shape
 from ..col2im import sliding_blocks
 from ..matching.regions import POSITION_OPS, cone_leaves, is_constant, region_model, run_region
-from . import DEFORM_CONV_OPSET, GRID_SAMPLE_OPSET, Geometry, emit_deform_conv
+from . import GRID_SAMPLE_OPSET, Geometry, emit_deform_conv
 
 TAIL_OPS = frozenset({"Einsum", "MatMul", "Gemm", "Conv", "Add", "Sub", "Mul", "Reshape", "Transpose", "ReduceSum",
                       "Squeeze", "Unsqueeze", "Flatten", "Identity"})
@@ -73,7 +73,7 @@ class TapGridSampleMatch:
 
 def recognize_tap_grid_samples(graph: gs.Graph, opset: int) -> None:
     """Replace every per-tap GridSample decomposition of a deformable convolution with one DeformConv."""
-    if opset < max(GRID_SAMPLE_OPSET, DEFORM_CONV_OPSET):
+    if opset < GRID_SAMPLE_OPSET:
         return
     layers: dict[tuple[int, ...], list[gs.Node]] = {}
     graph.toposort()  # the tail is found by walking the nodes in order
@@ -86,7 +86,7 @@ def recognize_tap_grid_samples(graph: gs.Graph, opset: int) -> None:
     for match in matches:
         emit_deform_conv(graph, f"{match.output.name}/DeformConv", match.image, match.weight, match.offset,
                          match.geometry, match.output, bias=match.bias, mask=match.mask,
-                         offset_channels=match.offset_channels, mask_channels=match.mask_channels)
+                         offset_channels=match.offset_channels, mask_channels=match.mask_channels, opset=opset)
     if matches:
         graph.cleanup().toposort()
 
