@@ -76,7 +76,7 @@ def recognize_gathered_corners(graph: gs.Graph, opset: int) -> None:
                          match.output, bias=match.bias, mask=match.mask, group=match.group, offset_group=match.offset_group,
                          opset=opset)
     if matches:
-        graph.cleanup().toposort()
+        graph.cleanup().toposort(mode="nodes")
 
 
 def match_gathered_corners(graph: gs.Graph, conv: gs.Node) -> GatheredCornersMatch | None:

@@ -76,7 +76,7 @@ def recognize_tap_grid_samples(graph: gs.Graph, opset: int) -> None:
     if opset < GRID_SAMPLE_OPSET:
         return
     layers: dict[tuple[int, ...], list[gs.Node]] = {}
-    graph.toposort()  # the tail is found by walking the nodes in order
+    graph.toposort(mode="nodes")  # the tail is found by walking the nodes in order
     for node in graph.nodes:
         if node.op == "GridSample" and not node.domain and _samples_like_dcn(node):
             image = node.inputs[0]
@@ -88,7 +88,7 @@ def recognize_tap_grid_samples(graph: gs.Graph, opset: int) -> None:
                          match.geometry, match.output, bias=match.bias, mask=match.mask,
                          offset_channels=match.offset_channels, mask_channels=match.mask_channels, opset=opset)
     if matches:
-        graph.cleanup().toposort()
+        graph.cleanup().toposort(mode="nodes")
 
 
 def _samples_like_dcn(node: gs.Node) -> bool:
