@@ -339,9 +339,6 @@ torch.onnx.register_custom_op_symbolic(CORRELATION_TORCH_OP, _correlation_symbol
 
 DEFORM_TORCH_OP = "convlower::deform_conv2d"
 TORCHVISION_DEFORM_OP = "torchvision::deform_conv2d"
-DEFORM_CONV_OPSET = 19
-"""ONNX's DeformConv arrives in opset 19: `deform_conv2d` exports to it from there; below, `convlower.export`
-makes each node a `convlower.DeformConv` carrier with a model-local function body (`passes.deform_conv`)."""
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:

@@ -39,6 +39,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from convlower.modelio import default_opset
+
 from ..base import (
     Builder,
     Dim,
@@ -465,8 +467,7 @@ def carry_below_opset_19(model: onnx.ModelProto) -> onnx.ModelProto:
     """Below opset 19, where ONNX has no DeformConv, turn each DeformConv node of the main graph into
     a `convlower.DeformConv` carrier (in place): the same inputs and attributes, `has_bias` and
     `has_mask` added; `local_functions.attach_functions` then gives it its body."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), DEFORM_CONV_OPSET)
-    if opset >= DEFORM_CONV_OPSET:
+    if default_opset(model) >= DEFORM_CONV_OPSET:
         return model
     for node in model.graph.node:
         if node.op_type != "DeformConv" or node.domain not in ("", "ai.onnx"):
